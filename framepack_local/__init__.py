@@ -1,0 +1,1 @@
+"""FramePack Local engine: photo -> long video with the FramePack transformer. Never imports gradio."""

@@ -1,0 +1,159 @@
+"""Command line: generate, make-tiny-model, download.
+
+Exit codes: 0 done, 1 stopped by the user, 2 bad input or a failure explained in one sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+from pathlib import Path
+
+from .errors import FramePackError
+from .params import DEFAULT_MODELS, DEFAULT_OUTPUTS, JobParams
+
+logger = logging.getLogger("framepack_local")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one sentence and exit code 2, like every other bad input."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        sys.stderr.write(f"Error: {message[0].upper() + message[1:]}; see --help.\n")
+        sys.exit(2)
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m framepack_local", description="FramePack Local: one photo -> a long video.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = JobParams(image="x")
+    gen = sub.add_parser("generate", help="make a video from a photo")
+    gen.add_argument("--image", required=True, help="start photo")
+    gen.add_argument("--prompt", default="", help="what should happen")
+    gen.add_argument("--end-image", default=None, help="optional end frame (inverted mode)")
+    gen.add_argument("--seconds", type=_number, default=d.seconds, help="length, 0.1-120 (default %(default)s)")
+    gen.add_argument("--seed", type=_whole, default=d.seed)
+    gen.add_argument("--steps", type=_whole, default=d.steps)
+    gen.add_argument("--window", type=_whole, default=d.window, help="latent window size (default 9)")
+    gen.add_argument("--mode", choices=["inverted", "forward"], default=d.mode)
+    gen.add_argument("--sampler", choices=["unipc", "euler"], default=d.sampler)
+    gen.add_argument("--distilled-cfg", type=_number, default=d.distilled_cfg)
+    gen.add_argument("--cfg", type=_number, default=d.cfg, help="real CFG; 1 turns the negative pass off")
+    gen.add_argument("--negative-prompt", default=d.negative_prompt)
+    gen.add_argument("--cfg-rescale", type=_number, default=d.cfg_rescale)
+    gen.add_argument("--resolution", type=_whole, default=d.resolution, help="bucket base in px (default 640)")
+    gen.add_argument("--crf", type=_whole, default=d.crf, help="mp4 quality, 0 best - 51 worst")
+    gen.add_argument("--models", default=str(DEFAULT_MODELS))
+    gen.add_argument("--outputs", default=str(DEFAULT_OUTPUTS))
+    gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+
+    tiny = sub.add_parser("make-tiny-model", help="build a tiny random-weight model folder (offline, for tests)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=_whole, default=0)
+
+    down = sub.add_parser("download", help="download the real weights (about 42 GB)")
+    down.add_argument("--variant", choices=["inverted", "forward", "both"], default="inverted")
+    down.add_argument("--models", default=str(DEFAULT_MODELS))
+    return parser
+
+
+def _params(args) -> JobParams:
+    return JobParams(
+        image=args.image, prompt=args.prompt, end_image=args.end_image, seconds=args.seconds, seed=args.seed,
+        steps=args.steps, window=args.window, mode=args.mode, sampler=args.sampler,
+        distilled_cfg=args.distilled_cfg, cfg=args.cfg, negative_prompt=args.negative_prompt,
+        cfg_rescale=args.cfg_rescale, resolution=args.resolution, crf=args.crf,
+        models=args.models, outputs=args.outputs,
+    ).validate()
+
+
+def _generate(args) -> int:
+    from .events import CancelToken, JobStarted, Notice, SectionFinished, StageChanged, StepProgress
+    from .pipeline import Engine
+
+    params = _params(args)
+    cancel = CancelToken()
+    # First Ctrl+C stops after the current step and keeps the video so far; a second one kills.
+    signal.signal(signal.SIGINT, lambda *_: (cancel.cancel(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+
+    def show(event) -> None:
+        if isinstance(event, JobStarted):
+            logger.info("job %s: %d sections, %d frames at %dx%d -> %s", event.job_id, event.sections,
+                        event.frames, event.width, event.height, event.job_dir)
+        elif isinstance(event, StepProgress):
+            logger.info("section %d/%d step %d/%d", event.section, event.sections, event.step, event.steps)
+        elif isinstance(event, SectionFinished):
+            logger.info("section %d/%d done: %s (%d frames)", event.section, event.sections, event.video_path,
+                        event.frames)
+        elif isinstance(event, (StageChanged, Notice)):
+            logger.info("%s", event.message)
+
+    result = Engine(device=args.device).generate(params, on_event=show, cancel=cancel)
+    if result.status == "stopped":
+        print(f"Stopped; the video so far is kept." if result.video_path else "Stopped before any section was done.",
+              file=sys.stderr)
+        if result.video_path:
+            print(result.video_path)
+        return 1
+    print(result.video_path)
+    return 0
+
+
+def _make_tiny(args) -> int:
+    from .tiny import make_tiny_model
+
+    path = make_tiny_model(Path(args.dir), seed=args.seed)
+    print(path)
+    return 0
+
+
+def _download(args) -> int:
+    from .download import download_models
+
+    download_models(Path(args.models), args.variant)
+    print(args.models)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpcore", "urllib3", "diffusers", "transformers", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handlers = {"generate": _generate, "make-tiny-model": _make_tiny, "download": _download}
+    try:
+        return handlers[args.command](args)
+    except FramePackError as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        return 2
+    except Exception as exc:  # a bug, not bad input: say so in one line, details only with -v
+        logger.debug("unexpected failure", exc_info=True)
+        sys.stderr.write(f"Error: unexpected failure ({type(exc).__name__}: {exc}); run again with -v for details.\n")
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

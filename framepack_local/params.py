@@ -1,0 +1,110 @@
+"""The one frozen parameter object of a job. All defaults live here (they follow the reference app)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+# User data lives next to app.py unless the user points elsewhere.
+APP_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = APP_ROOT / "models"
+DEFAULT_OUTPUTS = APP_ROOT / "outputs"
+
+MODES = ("inverted", "forward")
+SAMPLERS = ("unipc", "euler")
+
+# Seeds are stored in JSON and fed to torch.Generator.manual_seed; 2**63-1 keeps both exact.
+MAX_SEED = 2**63 - 1
+MAX_SECONDS = 120.0
+MAX_STEPS = 100
+MAX_WINDOW = 33
+MIN_RESOLUTION = 64
+MAX_RESOLUTION = 1280
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """Everything that decides a job's result. Build by keyword; call validate() before use."""
+
+    image: str
+    prompt: str = ""
+    end_image: str | None = None
+    seconds: float = 5.0
+    seed: int = 31337
+    steps: int = 25
+    window: int = 9
+    mode: str = "inverted"
+    distilled_cfg: float = 10.0
+    cfg: float = 1.0
+    negative_prompt: str = ""
+    cfg_rescale: float = 0.0
+    resolution: int = 640
+    crf: int = 16
+    sampler: str = "unipc"
+    models: str = str(DEFAULT_MODELS)
+    outputs: str = str(DEFAULT_OUTPUTS)
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def replace(self, **changes) -> "JobParams":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
+    def validate(self) -> "JobParams":
+        """Check every value; raise InputError with one sentence naming the fix. Returns self."""
+        _check_number("seconds", self.seconds, 0.1, MAX_SECONDS, "a length in seconds")
+        _check_int("steps", self.steps, 1, MAX_STEPS)
+        _check_int("window", self.window, 1, MAX_WINDOW)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_number("distilled_cfg", self.distilled_cfg, 1.0, 32.0, "a distilled CFG value")
+        _check_number("cfg", self.cfg, 1.0, 32.0, "a CFG value")
+        _check_number("cfg_rescale", self.cfg_rescale, 0.0, 1.0, "a CFG rescale value")
+        _check_int("resolution", self.resolution, MIN_RESOLUTION, MAX_RESOLUTION)
+        _check_int("crf", self.crf, 0, 51)
+        if self.mode not in MODES:
+            raise InputError(f"Mode must be one of {', '.join(MODES)}, not {self.mode!r}.")
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"Sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}.")
+        if self.end_image and self.mode != "inverted":
+            raise InputError("An end image only works in inverted anti-drift mode; switch the mode or drop the end image.")
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise InputError("The prompt and negative prompt must be text.")
+        if not self.image:
+            raise InputError("No start image was given; choose a photo to animate.")
+        return self
+
+    @property
+    def uses_real_cfg(self) -> bool:
+        # Real CFG doubles the transformer calls; with cfg == 1 the negative pass is skipped entirely.
+        return self.cfg > 1.0
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models)
+
+    @property
+    def outputs_path(self) -> Path:
+        return Path(self.outputs)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(name: str, value, lo: float, hi: float, what: str) -> None:
+    if not _is_real(value):
+        raise InputError(f"{name} must be a number between {lo:g} and {hi:g}, not {value!r}.")
+    if not lo <= value <= hi:
+        raise InputError(f"{name} must be between {lo:g} and {hi:g} ({what}); {value:g} is out of range.")
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be a whole number between {lo} and {hi}, not {value!r}.")
+    if not lo <= value <= hi:
+        raise InputError(f"{name} must be between {lo} and {hi}; {value} is out of range.")

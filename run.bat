@@ -1,0 +1,51 @@
+@echo off
+rem FramePack Local launcher for Windows.
+rem   run.bat [app options]     set up .venv on first use, then start the app on http://127.0.0.1:7860
+rem   run.bat test [pytest options]
+rem   run.bat cli ARGS...       generate, download, make-tiny-model
+setlocal enabledelayedexpansion
+cd /d "%~dp0"
+if "%FPL_TORCH_VERSION%"=="" set FPL_TORCH_VERSION=2.13.0
+
+where py >nul 2>nul && (set PY=py -3) || (set PY=python)
+if not exist .venv\Scripts\python.exe (
+  echo Creating .venv ...
+  %PY% -m venv .venv || (echo FramePack Local needs Python 3.10 or newer; install it from python.org and run run.bat again. & exit /b 2)
+)
+set VPY=.venv\Scripts\python.exe
+
+set TORCH_INDEX=%FPL_TORCH_INDEX%
+nvidia-smi -L >nul 2>nul && if "%TORCH_INDEX%"=="" set TORCH_INDEX=https://download.pytorch.org/whl/cu130
+
+set WANT_TESTS=0
+if /i "%~1"=="test" set WANT_TESTS=1
+
+rem Reinstall only when the requirements or the torch choice changed.
+set STAMP_SRC=.venv\fpl-stamp-src.txt
+(echo torch=%FPL_TORCH_VERSION% index=%TORCH_INDEX% tests=%WANT_TESTS% & type requirements.txt) > %STAMP_SRC%
+if "%WANT_TESTS%"=="1" type requirements-test.txt >> %STAMP_SRC%
+fc /b %STAMP_SRC% .venv\fpl-stamp.txt >nul 2>nul
+if errorlevel 1 (
+  echo Installing packages into .venv ^(first run or requirements changed^) ...
+  if "%TORCH_INDEX%"=="" (
+    %VPY% -m pip install -q torch==%FPL_TORCH_VERSION% || exit /b 2
+  ) else (
+    %VPY% -m pip install -q torch==%FPL_TORCH_VERSION% --index-url %TORCH_INDEX% || exit /b 2
+  )
+  %VPY% -m pip install -q -r requirements.txt || exit /b 2
+  if "%WANT_TESTS%"=="1" %VPY% -m pip install -q -r requirements-test.txt || exit /b 2
+  copy /y %STAMP_SRC% .venv\fpl-stamp.txt >nul
+)
+
+set GRADIO_ANALYTICS_ENABLED=False
+if /i "%~1"=="test" (
+  shift
+  %VPY% -m pytest -q %1 %2 %3 %4 %5 %6 %7 %8 %9
+  exit /b !errorlevel!
+)
+if /i "%~1"=="cli" (
+  shift
+  %VPY% -m framepack_local %1 %2 %3 %4 %5 %6 %7 %8 %9
+  exit /b !errorlevel!
+)
+%VPY% app.py %*

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# FramePack Local launcher.
+#   ./run.sh [app options]   set up .venv on first use, then start the app on http://127.0.0.1:7860
+#   ./run.sh test [pytest options]   set up (with test tools) and run the test suite
+#   ./run.sh cli ARGS...     the command line: generate, download, make-tiny-model
+# Later starts install nothing unless requirements*.txt or the torch choice changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+TORCH_VERSION=${FPL_TORCH_VERSION:-2.13.0}
+
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+  echo "FramePack Local needs Python 3.10 or newer; install it and run ./run.sh again." >&2
+  exit 2
+fi
+
+want_tests=0
+[ "${1:-}" = "test" ] && want_tests=1
+
+# An NVIDIA GPU gets the CUDA build of torch; everything else the CPU build.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  torch_index=${FPL_TORCH_INDEX:-https://download.pytorch.org/whl/cu130}
+else
+  torch_index=${FPL_TORCH_INDEX:-}
+fi
+
+[ -x "$VENV/bin/python" ] || { echo "Creating $VENV ..."; "$PY" -m venv "$VENV"; }
+VPY="$VENV/bin/python"
+
+stamp_input="torch=$TORCH_VERSION index=$torch_index tests=$want_tests $(cat requirements.txt)"
+[ $want_tests = 1 ] && stamp_input="$stamp_input $(cat requirements-test.txt)"
+stamp=$(printf '%s' "$stamp_input" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$VENV/.fpl-stamp" 2>/dev/null)" != "$stamp" ]; then
+  echo "Installing packages into $VENV (first run or requirements changed) ..."
+  if [ -n "$torch_index" ]; then
+    "$VPY" -m pip install -q "torch==$TORCH_VERSION" --index-url "$torch_index"
+  else
+    "$VPY" -m pip install -q "torch==$TORCH_VERSION"
+  fi
+  "$VPY" -m pip install -q -r requirements.txt
+  [ $want_tests = 1 ] && "$VPY" -m pip install -q -r requirements-test.txt
+  echo "$stamp" > "$VENV/.fpl-stamp"
+fi
+
+export GRADIO_ANALYTICS_ENABLED=False
+case "${1:-}" in
+  test) shift; exec "$VPY" -m pytest -q "$@" ;;
+  cli) shift; exec "$VPY" -m framepack_local "$@" ;;
+  *) exec "$VPY" app.py "$@" ;;
+esac
