@@ -132,13 +132,29 @@ def _make_tiny(args) -> int:
 def _download(args) -> int:
     from .download import download_models
 
-    download_models(Path(args.models), args.variant)
+    last = [0.0]
+
+    def show(p) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - last[0] < 1.0 and not p.finished:  # one line a second is plenty
+            return
+        last[0] = now
+        eta = "?" if p.eta_seconds is None else f"{p.eta_seconds / 60:.0f} min"
+        sys.stderr.write(f"{p.fraction:6.1%}  {p.bytes_done / 1e9:.2f}/{p.bytes_total / 1e9:.2f} GB  "
+                         f"{p.bytes_per_second / 1e6:.1f} MB/s  left {eta}  {p.current_file or ''}\n")
+
+    download_models(Path(args.models), args.variant, on_progress=show)
     print(args.models)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (already explained in one sentence) and --help
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "urllib3", "diffusers", "transformers", "PIL"):

@@ -373,7 +373,7 @@ def download_models(
         try:
             revisions[repo_id], listings[repo_id] = hub.list_files(repo_id)
         except Exception as exc:  # every way the hub can fail must end in one sentence
-            logger.warning("Listing %s failed: %s: %s", repo_id, type(exc).__name__, exc)
+            logger.debug("Listing %s failed: %s: %s", repo_id, type(exc).__name__, exc)
             raise _as_download_error(exc, models_dir, repo_id) from exc
 
     # 2. Resolve the files, their sizes, and what is already complete on disk.
@@ -423,7 +423,7 @@ def download_models(
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, final)  # same filesystem: atomic, no second copy of 26 GB
         except Exception as exc:  # network, hub or disk: all end in one sentence
-            logger.warning("Downloading %s/%s failed: %s: %s", item.repo_id, repo_path, type(exc).__name__, exc)
+            logger.debug("Downloading %s/%s failed: %s: %s", item.repo_id, repo_path, type(exc).__name__, exc)
             raise _as_download_error(exc, models_dir, item.repo_id) from exc
         if final.stat().st_size != size:
             raise DownloadError(

@@ -531,28 +531,37 @@ def _read_error(path: Path, why: str) -> OutputFolderError:
     return OutputFolderError(f"Could not read the video {path}: {why}; check the outputs folder or generate it again.")
 
 
-def _parse_comment(header: str) -> str | None:
-    """The container-level "comment" tag (before the Duration line), continuation lines joined."""
-    lines = header.split("Duration:", 1)[0].splitlines()
-    value: list[str] | None = None
-    for line in lines:
-        if value is None:
-            m = re.match(r"^\s+comment\s*:\s?(.*)$", line)
-            if m:
-                value = [m.group(1)]
+def _ffmetadata_tag(text: str, key: str) -> str | None:
+    """A global tag from ffmpeg's ffmetadata output ("key=value"; '\\' escapes = ; # \\ and newlines).
+
+    Read this way because `ffmpeg -i` cuts tag values it prints at 255 characters.
+    """
+    lines: list[list[tuple[str, bool]]] = [[]]
+    chars = iter(text)
+    for ch in chars:
+        if ch == "\\":
+            lines[-1].append((next(chars, ""), True))
+        elif ch == "\n":
+            lines.append([])
         else:
-            m = re.match(r"^\s+:\s?(.*)$", line)  # ffmpeg prints newlines in a tag as " : " lines
-            if not m:
-                break
-            value.append(m.group(1))
-    return "\n".join(value) if value is not None else None
+            lines[-1].append((ch, False))
+    for line in lines:
+        if not line or (line[0] == (";", False)) or (line[0] == ("#", False)):
+            continue
+        if line[0] == ("[", False):
+            break  # [STREAM] / [CHAPTER] sections follow the global tags
+        cut = next((i for i, c in enumerate(line) if c == ("=", False)), None)
+        if cut is not None and "".join(c for c, _ in line[:cut]) == key:
+            return "".join(c for c, _ in line[cut + 1 :])
+    return None
 
 
 def probe_video(path) -> VideoInfo:
     p = Path(path)
     if not p.is_file():
         raise _read_error(p, "the file does not exist")
-    _, header, _ = _run_ffmpeg(["-i", _url(p)])  # exits 1 ("no output file"); stderr is what we want
+    # stderr: the stream summary; stdout: the container tags, unabridged.
+    _, header, tags = _run_ffmpeg(["-i", _url(p), "-f", "ffmetadata", "-"], capture_stdout=True)
     stream = next((ln for ln in header.splitlines() if re.search(r"Stream #\d+:\d+.*: Video: ", ln)), None)
     if stream is None:
         raise _read_error(p, "it holds no readable video stream")
@@ -579,7 +588,7 @@ def probe_video(path) -> VideoInfo:
         fps=fps,
         duration_s=duration,
         codec=codec,
-        comment=_parse_comment(header),
+        comment=_ffmetadata_tag(tags, "comment"),
     )
 
 

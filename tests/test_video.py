@@ -127,7 +127,8 @@ def test_prepend_order_count_and_metadata(tmp_path):
     sv.set_pending(solid(BLUE, 3))  # P: at the growing (front) edge
     assert sv.frame_count == 12
 
-    meta = {"seed": 31337, "prompt": "a cat, «quoted» \"text\"", "sections": 2}
+    # Long (ffmpeg -i cuts printed tags at 255 chars) and full of ffmetadata's special characters.
+    meta = {"seed": 31337, "prompt": "a cat, «quoted» \"text\" a=b; #c \\ d\nline two " * 20, "sections": 2}
     out = sv.publish(tmp_path / "preview.mp4", metadata=meta)
     assert out == tmp_path / "preview.mp4"
     assert_color_runs(out, [(BLUE, 3), (GREEN, 4), (RED, 5)])
