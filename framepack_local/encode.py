@@ -93,7 +93,7 @@ def encode_image_siglip(image_encoder, feature_extractor, rgb_hwc_uint8: np.ndar
 
 def rgb_to_tensor(rgb_hwc_uint8: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, 1, H, W) float in [-1, 1], the VAE's input range."""
-    t = torch.from_numpy(np.ascontiguousarray(rgb_hwc_uint8)).float() / 127.5 - 1.0
+    t = torch.from_numpy(np.array(rgb_hwc_uint8, dtype=np.uint8)).float() / 127.5 - 1.0
     return t.permute(2, 0, 1)[None, :, None]
 
 
