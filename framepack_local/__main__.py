@@ -1,4 +1,4 @@
-"""Command line: generate, make-tiny-model, download.
+"""Command line: generate, resume, make-tiny-model, download.
 
 Exit codes: 0 done, 1 stopped by the user, 2 bad input or a failure explained in one sentence.
 """
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--outputs", default=str(DEFAULT_OUTPUTS))
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
 
+    res = sub.add_parser("resume", help="continue a stopped, failed or interrupted job from its last section")
+    res.add_argument("job_dir")
+    res.add_argument("--device", default=None)
+
     tiny = sub.add_parser("make-tiny-model", help="build a tiny random-weight model folder (offline, for tests)")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=_whole, default=0)
@@ -90,10 +94,17 @@ def _params(args) -> JobParams:
 
 
 def _generate(args) -> int:
+    return _run_job(args, _params(args), None)
+
+
+def _resume(args) -> int:
+    return _run_job(args, None, Path(args.job_dir))
+
+
+def _run_job(args, params: JobParams | None, job_dir: Path | None) -> int:
     from .events import CancelToken, JobStarted, Notice, SectionFinished, StageChanged, StepProgress
     from .pipeline import Engine
 
-    params = _params(args)
     cancel = CancelToken()
     # First Ctrl+C stops after the current step and keeps the video so far; a second one kills.
     signal.signal(signal.SIGINT, lambda *_: (cancel.cancel(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
@@ -110,7 +121,11 @@ def _generate(args) -> int:
         elif isinstance(event, (StageChanged, Notice)):
             logger.info("%s", event.message)
 
-    result = Engine(device=args.device).generate(params, on_event=show, cancel=cancel)
+    engine = Engine(device=args.device)
+    if job_dir is not None:
+        result = engine.resume(job_dir, on_event=show, cancel=cancel)
+    else:
+        result = engine.generate(params, on_event=show, cancel=cancel)
     if result.status == "stopped":
         print(f"Stopped; the video so far is kept." if result.video_path else "Stopped before any section was done.",
               file=sys.stderr)
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "urllib3", "diffusers", "transformers", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"generate": _generate, "make-tiny-model": _make_tiny, "download": _download}
+    handlers = {"generate": _generate, "resume": _resume, "make-tiny-model": _make_tiny, "download": _download}
     try:
         return handlers[args.command](args)
     except FramePackError as exc:

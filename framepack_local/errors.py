@@ -25,3 +25,7 @@ class DownloadError(FramePackError):
 
 class Cancelled(FramePackError):
     """The job was stopped through its cancel token; finished sections were kept."""
+
+
+class GpuMemoryError(FramePackError):
+    """The GPU ran out of memory even with the memory plan; the sentence names the setting to change."""

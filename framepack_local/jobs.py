@@ -101,3 +101,46 @@ def job_latents(job_dir: Path, mode: str) -> torch.Tensor:
     if mode == "inverted":
         parts = parts[::-1]  # sampled from the end back to the start
     return torch.cat(parts, dim=2)
+
+
+def drop_sections_after(job_dir: Path, done: int) -> None:
+    """Remove section files past the last one the record counts (written just before a crash)."""
+    for f in (job_dir / SECTIONS_DIR).glob("section_*.safetensors"):
+        if int(f.stem.split("_")[1]) >= done:
+            f.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(outputs: Path) -> list[Path]:
+    """Mark jobs left "running" by a process that no longer exists as "interrupted" (resumable)."""
+    import socket
+
+    found = []
+    if not outputs.is_dir():
+        return found
+    host = socket.gethostname()
+    for job_dir in sorted(p for p in outputs.iterdir() if p.is_dir() and JOB_ID_RE.match(p.name)):
+        try:
+            record = read_record(job_dir)
+        except (OSError, ValueError):
+            continue
+        if record.get("status") != "running":
+            continue
+        pid = record.get("pid")
+        if record.get("host") == host and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+            continue  # another process on this machine is still working on it
+        if record.get("host") == host and pid == os.getpid():
+            continue
+        record.update(status="interrupted", error="The app stopped while this job was running; resume it to continue.")
+        write_record(job_dir, record)
+        found.append(job_dir)
+    return found

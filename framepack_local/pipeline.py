@@ -1,14 +1,18 @@
-"""generate(): photo -> video, one loop over the section plan (DESIGN.md §3).
+"""generate() and resume(): photo -> video, one loop over the section plan (DESIGN.md §3).
 
-Stages: 1 check inputs, 2 job folder, 3 models, 4 text, 5 image, 6 sections (sample, decode,
-publish), 7 final video and record.
+Stages: 1 check inputs, 2 job folder, 3 models, 4 text, 5 image, 6 sections (sample, save,
+decode, publish), 7 final video and record. A resumed job replays its saved sections into the
+same state (history, generator, video pieces) and continues with the next one, so its latents
+are bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +20,9 @@ import torch
 
 from . import jobs, schedule
 from .encode import (
-    encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode, vae_encode,
+    TextConditioning, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode, vae_encode,
 )
-from .errors import Cancelled
+from .errors import Cancelled, FramePackError, GpuMemoryError, InputError
 from .events import (
     CancelToken, EventHandler, JobFinished, JobStarted, Notice, SectionFinished, StageChanged, StepProgress,
 )
@@ -26,6 +30,7 @@ from .images import cover_resize_crop, load_image
 from .models import LoadedModels, check_model_folder, load_models, model_identity
 from .params import JobParams
 from .sampler import rescale_cfg, sample_flow
+from .schedule import SectionLayout
 from .stitch import Stitcher
 from .video import SegmentedVideo, save_png
 
@@ -40,12 +45,89 @@ class JobResult:
     video_path: Path | None
 
 
+@dataclass
+class _Job:
+    """One job's fixed facts plus its record (written to job.json after every change)."""
+
+    params: JobParams
+    job_dir: Path
+    record: dict
+    start_rgb: np.ndarray
+    end_rgb: np.ndarray | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def job_id(self) -> str:
+        return self.record["job_id"]
+
+    @property
+    def timings(self) -> dict:
+        return self.record["timings_s"]
+
+    def save(self) -> None:
+        jobs.write_record(self.job_dir, self.record)
+
+
+@dataclass
+class _Conditioning:
+    text: TextConditioning
+    negative: TextConditioning | None
+    image_embeds: torch.Tensor
+    start_latent: torch.Tensor  # (1, 16, 1, h, w) float32 on the CPU
+    end_latent: torch.Tensor | None
+    preview_map: torch.Tensor
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _to_uint8(frames_thwc: torch.Tensor) -> np.ndarray:
     return (frames_thwc.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+class _History:
+    """The latents the next section needs: packed context and the neighbour window for decoding.
+
+    Only `keep` latent frames are held; everything older is on disk in the section files.
+    Inverted mode prepends (the video grows towards the start image), forward mode appends.
+    """
+
+    def __init__(self, inverted: bool, window: int, start_latent: torch.Tensor) -> None:
+        self.inverted = inverted
+        self.window = window
+        _, c, _, h, w = start_latent.shape
+        self.latents = torch.zeros(1, c, schedule.HISTORY_TOTAL, h, w)
+        self.generated = 0
+        if not inverted:
+            # Forward: the start frame is the first frame of the history (and of the video).
+            self.latents = torch.cat([self.latents, start_latent], dim=2)
+            self.generated = 1
+        self.keep = max(schedule.HISTORY_TOTAL + 1, 2 * window + 1)
+
+    def context(self, layout: SectionLayout, start_latent, end_latent) -> dict[str, torch.Tensor]:
+        sizes = [schedule.HISTORY_1X, schedule.HISTORY_2X, schedule.HISTORY_4X]
+        if self.inverted:
+            # The newest latents lie just after the window in time: 1x, then 2x, then 4x.
+            h1, h2, h4 = self.latents[:, :, : schedule.HISTORY_TOTAL].split(sizes, dim=2)
+            if layout.use_end_image:
+                h1 = end_latent  # plans the endpoint (paper Fig. 2b)
+        else:
+            h4, h2, h1 = self.latents[:, :, -schedule.HISTORY_TOTAL:].split(sizes[::-1], dim=2)
+        return {"latents_clean": torch.cat([start_latent, h1], dim=2), "latents_history_2x": h2,
+                "latents_history_4x": h4}
+
+    def add(self, latents: torch.Tensor) -> torch.Tensor:
+        """Record a finished section; returns the latents to decode (the section plus a neighbour window)."""
+        first = self.generated == (0 if self.inverted else 1)
+        if self.inverted:
+            self.latents = torch.cat([latents, self.latents], dim=2)[:, :, : self.keep]
+        else:
+            self.latents = torch.cat([self.latents, latents], dim=2)[:, :, -self.keep:]
+        self.generated += latents.shape[2]
+        # The first decode holds everything made so far; later ones overlap one window for VAE context.
+        span = self.generated if first else latents.shape[2] + self.window
+        return self.latents[:, :, :span] if self.inverted else self.latents[:, :, -span:]
 
 
 class Engine:
@@ -66,57 +148,195 @@ class Engine:
             self._models_key = key
         return self._models
 
+    # ---- entry points
+
     def generate(
         self, params: JobParams, on_event: EventHandler | None = None, cancel: CancelToken | None = None
     ) -> JobResult:
-        emit = on_event or (lambda event: None)
-        cancel = cancel or CancelToken()
-        started = time.perf_counter()
-        timings: dict[str, float] = {}
-
+        """Run a new job. Bad input raises a FramePackError before any file is written."""
         # 1. Everything that can be wrong with the request is found before any file is written.
         params.validate()
-        root = params.models_path
-        check_model_folder(root, params.mode)
+        check_model_folder(params.models_path, params.mode)
         start_image = load_image(params.image, what="start image")
         end_image = load_image(params.end_image, what="end image") if params.end_image else None
         jobs.ensure_writable(params.outputs_path)
-
         height, width = schedule.find_bucket(start_image.height, start_image.width, params.resolution)
         sections = schedule.section_count(params.seconds, params.window)
-        frames_total = schedule.total_frames(sections, params.window)
-        layouts = schedule.section_layouts(sections, params.window, params.mode, end_image is not None)
 
         # 2. Job folder: parameters first, so even a crash leaves a record of what was asked.
         job_id, job_dir = jobs.create_job_dir(params.outputs_path)
         record = {
             "job_id": job_id, "status": "running", "params": params.to_dict(), "seed": params.seed,
-            "height": height, "width": width, "sections": sections, "frames": frames_total, "fps": schedule.FPS,
-            "sections_done": 0, "versions": jobs.library_versions(), "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""), "timings_s": timings,
+            "height": height, "width": width, "sections": sections,
+            "frames": schedule.total_frames(sections, params.window), "fps": schedule.FPS, "sections_done": 0,
+            "versions": jobs.library_versions(), "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""), "timings_s": {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        jobs.write_record(job_dir, record)
-        start_rgb = cover_resize_crop(start_image, height, width)
-        save_png(job_dir / jobs.INPUT_IMAGE, start_rgb)
+        job = _Job(params, job_dir, record, cover_resize_crop(start_image, height, width),
+                   cover_resize_crop(end_image, height, width) if end_image is not None else None)
+        self._claim(job)
+        save_png(job_dir / jobs.INPUT_IMAGE, job.start_rgb)
+        if job.end_rgb is not None:
+            save_png(job_dir / jobs.END_IMAGE, job.end_rgb)
+        return self._run_guarded(job, [], on_event, cancel)
+
+    def resume(
+        self, job_dir: Path, on_event: EventHandler | None = None, cancel: CancelToken | None = None
+    ) -> JobResult:
+        """Continue a stopped, failed or interrupted job from its last finished section."""
+        job_dir = Path(job_dir)
+        try:
+            record = jobs.read_record(job_dir)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{job_dir} is not a job folder that can be resumed (no readable job.json).") from exc
+        if record.get("status") == "done":
+            raise InputError(f"The job {record.get('job_id')} is already finished; its video is in {job_dir}.")
+        params = JobParams(**record["params"]).validate()
+        check_model_folder(params.models_path, params.mode)
+        start_rgb = np.array(load_image(job_dir / jobs.INPUT_IMAGE, what="saved start image"))
         end_rgb = None
-        if end_image is not None:
-            end_rgb = cover_resize_crop(end_image, height, width)
-            save_png(job_dir / jobs.END_IMAGE, end_rgb)
-        emit(JobStarted(job_id, job_dir, sections, params.steps, frames_total, height, width))
-        logger.info("job %s: %d sections x %d steps, %d frames at %dx%d", job_id, sections, params.steps,
-                    frames_total, width, height)
+        if params.end_image:
+            end_rgb = np.array(load_image(job_dir / jobs.END_IMAGE, what="saved end image"))
+        done = int(record.get("sections_done", 0))
+        saved = jobs.load_sections(job_dir)[:done]
+        if len(saved) < done:
+            raise InputError(f"The job in {job_dir} lacks some of its section files; it cannot be resumed.")
+        jobs.drop_sections_after(job_dir, done)  # a crash can leave a section that was never published
+        record["timings_s"] = {}
+        record["resumed"] = record.get("resumed", 0) + 1
+        job = _Job(params, job_dir, record, start_rgb, end_rgb)
+        self._claim(job)
+        return self._run_guarded(job, saved, on_event, cancel)
+
+    # ---- the job
+
+    def _claim(self, job: _Job) -> None:
+        # Who runs the job: lets a restarted app tell a dead job from one another process is running.
+        job.record.update(status="running", pid=os.getpid(), host=socket.gethostname(), error=None)
+        job.save()
+
+    def _run_guarded(self, job: _Job, saved: list, on_event, cancel) -> JobResult:
+        try:
+            return self._run(job, saved, on_event or (lambda event: None), cancel or CancelToken())
+        except FramePackError as exc:
+            self._fail(job, str(exc))
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            sentence = ("The GPU ran out of memory; the finished sections are kept: raise \"GPU memory to keep "
+                        "free\" (or choose the low-memory profile) and resume the job.")
+            self._fail(job, sentence)
+            raise GpuMemoryError(sentence) from exc
+        except Exception as exc:
+            self._fail(job, f"The job failed unexpectedly ({type(exc).__name__}); the finished sections are kept.")
+            raise
+
+    def _fail(self, job: _Job, sentence: str) -> None:
+        job.record.update(status="failed", error=sentence)
+        try:
+            job.save()
+        except OSError:
+            logger.warning("could not record the failure of job %s", job.job_id)
+
+    def _run(self, job: _Job, saved: list, emit: EventHandler, cancel: CancelToken) -> JobResult:
+        params, record, timings = job.params, job.record, job.timings
+        height, width, sections = record["height"], record["width"], record["sections"]
+        layouts = schedule.section_layouts(sections, params.window, params.mode, job.end_rgb is not None)
+        emit(JobStarted(job.job_id, job.job_dir, sections, params.steps, record["frames"], height, width))
+        logger.info("job %s: %d sections x %d steps, %d frames at %dx%d%s", job.job_id, sections, params.steps,
+                    record["frames"], width, height, f", resuming after {len(saved)}" if saved else "")
 
         # 3. Models
         t0 = time.perf_counter()
         emit(StageChanged("load", "Loading models"))
-        models = self.models_for(root, params.mode)
+        models = self.models_for(params.models_path, params.mode)
         # Frame-by-frame VAE decoding saves GPU memory but doubles the time on a CPU, where RAM is plenty.
         models.vae.use_framewise_decoding = self.device.type == "cuda"
-        record["models"] = model_identity(root)
+        record["models"] = model_identity(params.models_path)
         timings["load"] = time.perf_counter() - t0
 
-        # 4. Text
+        cond = self._condition(job, models, emit)
+
+        # 6. Sections
+        inverted = params.mode == "inverted"
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        history = _History(inverted, params.window, cond.start_latent)
+        sigmas = schedule.flow_sigmas(params.steps, schedule.window_tokens(params.window, height, width))
+        overlap = schedule.overlap_frames(params.window)
+        if saved:
+            writer = SegmentedVideo.from_state(job.job_dir, record["video"], fps=schedule.FPS, crf=params.crf,
+                                               prepend=inverted)
+            last_span = None
+            for section in saved:
+                last_span = history.add(section["latents"])
+            generator.set_state(saved[-1]["rng_state"])
+            stitcher = Stitcher(overlap, prepend=inverted, sink=lambda f: writer.add_finished(_to_uint8(f)))
+            # The edge that the next section blends with is a pure function of the last decode.
+            decoded = vae_decode(models.vae, last_span)
+            stitcher.pending = decoded[:overlap].clone() if inverted else decoded[-overlap:].clone()
+            stitcher.emitted = writer.finished_frame_count
+        else:
+            writer = SegmentedVideo(job.job_dir, fps=schedule.FPS, crf=params.crf, prepend=inverted)
+            stitcher = Stitcher(overlap, prepend=inverted, sink=lambda f: writer.add_finished(_to_uint8(f)))
+
+        metadata = {"framepack_local": {"job_id": job.job_id, **params.to_dict()}}
+        partial_path = job.job_dir / jobs.PARTIAL_VIDEO
+        for key in ("sampling", "decode", "write"):
+            timings[key] = 0.0
+        status = "done"
+        try:
+            for layout in layouts[len(saved):]:
+                t0 = time.perf_counter()
+                emit(StageChanged("sampling", f"Sampling section {layout.number + 1} of {sections}"))
+                noise = torch.randn(
+                    (1, schedule.LATENT_CHANNELS, params.window, height // schedule.VAE_SPATIAL,
+                     width // schedule.VAE_SPATIAL), generator=generator)
+                context = history.context(layout, cond.start_latent, cond.end_latent)
+                latents = self._sample_section(models, job, layout, context, cond, noise, sigmas, cancel, emit).cpu()
+                timings["sampling"] += time.perf_counter() - t0
+
+                if inverted and layout.is_last:
+                    latents = torch.cat([cond.start_latent, latents], dim=2)
+                jobs.save_section(job.job_dir, layout.number, latents, generator.get_state())
+                to_decode = history.add(latents)
+
+                t0 = time.perf_counter()
+                emit(StageChanged("decode", f"Decoding section {layout.number + 1} of {sections}"))
+                stitcher.add(vae_decode(models.vae, to_decode))
+                timings["decode"] += time.perf_counter() - t0
+
+                t0 = time.perf_counter()
+                writer.set_pending(None if stitcher.pending is None else _to_uint8(stitcher.pending))
+                writer.publish(partial_path, metadata)
+                timings["write"] += time.perf_counter() - t0
+                record.update(sections_done=layout.number + 1, video=writer.state())
+                job.save()
+                emit(SectionFinished(layout.number + 1, sections, partial_path, stitcher.frames,
+                                     time.perf_counter() - job.started))
+        except Cancelled:
+            status = "stopped"
+            logger.info("job %s stopped after %d sections", job.job_id, record["sections_done"])
+
+        # 7. Final video (stream copy of the finished segments; nothing is re-encoded).
+        t0 = time.perf_counter()
+        video_path = None
+        if status == "done":
+            stitcher.finish()
+            writer.set_pending(None)
+            video_path = writer.publish(job.job_dir / jobs.FINAL_VIDEO, metadata)
+            partial_path.unlink(missing_ok=True)
+        elif record["sections_done"]:
+            video_path = partial_path
+        timings["write"] += time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - job.started
+        record.update(status=status, video=writer.state(), video_file=video_path.name if video_path else None)
+        job.save()
+        emit(JobFinished(status, job.job_dir, video_path, timings["total"]))
+        return JobResult(status, job.job_id, job.job_dir, video_path)
+
+    def _condition(self, job: _Job, models: LoadedModels, emit: EventHandler) -> _Conditioning:
+        """4. Text and 5. image conditioning (recomputed on resume: all of it is deterministic)."""
+        params, timings = job.params, job.timings
         t0 = time.perf_counter()
         emit(StageChanged("text", "Encoding the prompt"))
         text = self._encode_text(models, params.prompt)
@@ -126,118 +346,31 @@ class Engine:
         negative = self._encode_text(models, params.negative_prompt) if params.uses_real_cfg else None
         timings["text"] = time.perf_counter() - t0
 
-        # 5. Image: SigLIP embedding and VAE latents of the start (and end) frame.
         t0 = time.perf_counter()
         emit(StageChanged("image", "Encoding the image"))
-        dtype = models.transformers[params.mode].dtype
-        image_embeds = encode_image_siglip(models.image_encoder, models.feature_extractor, start_rgb, self.device)
-        start_latent = vae_encode(models.vae, start_rgb, self.device)
+        image_embeds = encode_image_siglip(models.image_encoder, models.feature_extractor, job.start_rgb, self.device)
+        start_latent = vae_encode(models.vae, job.start_rgb, self.device).cpu()
         end_latent = None
-        if end_rgb is not None:
-            end_embeds = encode_image_siglip(models.image_encoder, models.feature_extractor, end_rgb, self.device)
+        if job.end_rgb is not None:
+            end_embeds = encode_image_siglip(models.image_encoder, models.feature_extractor, job.end_rgb, self.device)
             # Start and end are weighted equally, as in diffusers' first/last-frame pipeline.
             image_embeds = (image_embeds + end_embeds) / 2
-            end_latent = vae_encode(models.vae, end_rgb, self.device)
-        image_embeds = image_embeds.to(dtype)
-        preview_map = fit_latent_preview(start_latent[0].cpu(), start_rgb)
+            end_latent = vae_encode(models.vae, job.end_rgb, self.device).cpu()
         timings["image"] = time.perf_counter() - t0
+        return _Conditioning(text, negative, image_embeds, start_latent, end_latent,
+                             fit_latent_preview(start_latent[0], job.start_rgb))
 
-        # 6. Sections
-        generator = torch.Generator("cpu").manual_seed(params.seed)
-        lat_h, lat_w = height // schedule.VAE_SPATIAL, width // schedule.VAE_SPATIAL
-        sigmas = schedule.flow_sigmas(params.steps, schedule.window_tokens(params.window, height, width))
-        inverted = params.mode == "inverted"
-        history = torch.zeros(1, schedule.LATENT_CHANNELS, schedule.HISTORY_TOTAL, lat_h, lat_w)
-        if not inverted:
-            history = torch.cat([history, start_latent.cpu()], dim=2)
-        generated = 0 if inverted else 1
-        keep = max(schedule.HISTORY_TOTAL + 1, 2 * params.window + 1)  # context + decode neighbour
-        writer = SegmentedVideo(job_dir, fps=schedule.FPS, crf=params.crf, prepend=inverted)
-        stitcher = Stitcher(schedule.overlap_frames(params.window), prepend=inverted,
-                            sink=lambda f: writer.add_finished(_to_uint8(f)))
-        metadata = {"framepack_local": {"job_id": job_id, **params.to_dict()}}
-        partial_path = job_dir / jobs.PARTIAL_VIDEO
-        timings["sampling"] = timings["decode"] = timings["write"] = 0.0
-        status, video_path = "done", None
-        try:
-            for layout in layouts:
-                t0 = time.perf_counter()
-                emit(StageChanged("sampling", f"Sampling section {layout.number + 1} of {sections}"))
-                if inverted:
-                    h1, h2, h4 = history[:, :, : schedule.HISTORY_TOTAL].split(
-                        [schedule.HISTORY_1X, schedule.HISTORY_2X, schedule.HISTORY_4X], dim=2)
-                    if layout.use_end_image:
-                        h1 = end_latent.cpu()  # plans the endpoint (paper Fig. 2b)
-                else:
-                    h4, h2, h1 = history[:, :, -schedule.HISTORY_TOTAL:].split(
-                        [schedule.HISTORY_4X, schedule.HISTORY_2X, schedule.HISTORY_1X], dim=2)
-                context = {
-                    "latents_clean": torch.cat([start_latent.cpu(), h1], dim=2),
-                    "latents_history_2x": h2,
-                    "latents_history_4x": h4,
-                }
-                noise = torch.randn(
-                    (1, schedule.LATENT_CHANNELS, params.window, lat_h, lat_w), generator=generator
-                )
-                latents = self._sample_section(
-                    models, params, layout, context, text, negative, image_embeds, noise, sigmas,
-                    cancel, emit, preview_map, sections, started,
-                ).cpu()
-                timings["sampling"] += time.perf_counter() - t0
-
-                if inverted and layout.is_last:
-                    latents = torch.cat([start_latent.cpu(), latents], dim=2)
-                jobs.save_section(job_dir, layout.number, latents, generator.get_state())
-                if inverted:
-                    history = torch.cat([latents, history], dim=2)[:, :, :keep]
-                else:
-                    history = torch.cat([history, latents], dim=2)[:, :, -keep:]
-                generated += latents.shape[2]
-
-                t0 = time.perf_counter()
-                emit(StageChanged("decode", f"Decoding section {layout.number + 1} of {sections}"))
-                # First decode: everything made so far; later: the new section plus one neighbour window.
-                span = generated if layout.number == 0 else latents.shape[2] + params.window
-                to_decode = history[:, :, :span] if inverted else history[:, :, -span:]
-                stitcher.add(vae_decode(models.vae, to_decode))
-                timings["decode"] += time.perf_counter() - t0
-
-                t0 = time.perf_counter()
-                writer.set_pending(None if stitcher.pending is None else _to_uint8(stitcher.pending))
-                writer.publish(partial_path, metadata)
-                timings["write"] += time.perf_counter() - t0
-                record.update(sections_done=layout.number + 1)
-                jobs.write_record(job_dir, record)
-                emit(SectionFinished(layout.number + 1, sections, partial_path, stitcher.frames,
-                                     time.perf_counter() - started))
-        except Cancelled:
-            status = "stopped"
-            logger.info("job %s stopped after %d sections", job_id, record["sections_done"])
-
-        # 7. Final video (stream copy of the finished segments; nothing is re-encoded).
-        t0 = time.perf_counter()
-        if status == "done":
-            stitcher.finish()
-            writer.set_pending(None)
-            video_path = writer.publish(job_dir / jobs.FINAL_VIDEO, metadata)
-            partial_path.unlink(missing_ok=True)
-        elif record["sections_done"]:
-            video_path = partial_path
-        timings["write"] += time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - started
-        record.update(status=status, video=video_path.name if video_path else None)
-        jobs.write_record(job_dir, record)
-        emit(JobFinished(status, job_dir, video_path, timings["total"]))
-        return JobResult(status, job_id, job_dir, video_path)
-
-    def _encode_text(self, models: LoadedModels, prompt: str):
+    def _encode_text(self, models: LoadedModels, prompt: str) -> TextConditioning:
         return encode_text(models.text_encoder, models.tokenizer, models.text_encoder_2, models.tokenizer_2,
                            prompt, self.device)
 
-    def _sample_section(self, models, params, layout, context, text, negative, image_embeds, noise, sigmas,
-                        cancel, emit, preview_map, sections, started) -> torch.Tensor:
+    def _sample_section(self, models: LoadedModels, job: _Job, layout: SectionLayout, context: dict,
+                        cond: _Conditioning, noise: torch.Tensor, sigmas: list[float], cancel: CancelToken,
+                        emit: EventHandler) -> torch.Tensor:
+        params = job.params
         transformer = models.transformers[params.mode]
-        dtype, device = models.transformers[params.mode].dtype, self.device
+        dtype, device = transformer.dtype, self.device
+        sections = job.record["sections"]
 
         def dev(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype)
@@ -246,7 +379,7 @@ class Engine:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         fixed = {
-            "image_embeds": image_embeds,
+            "image_embeds": dev(cond.image_embeds),
             "indices_latents": idx(layout.indices_latents),
             # Distilled guidance: the checkpoint embeds g*1000 (DESIGN.md §3).
             "guidance": torch.tensor([params.distilled_cfg * 1000.0], dtype=dtype, device=device),
@@ -259,13 +392,13 @@ class Engine:
             "return_dict": False,
         }
 
-        def call(latents: torch.Tensor, sigma: float, cond) -> torch.Tensor:
+        def call(latents: torch.Tensor, sigma: float, text: TextConditioning) -> torch.Tensor:
             return transformer(
                 hidden_states=dev(latents),
                 timestep=torch.tensor([sigma * 1000.0], device=device, dtype=torch.float32),
-                encoder_hidden_states=dev(cond.llama_bld),
-                encoder_attention_mask=dev(cond.llama_mask_bl),
-                pooled_projections=dev(cond.clip_pooled_bd),
+                encoder_hidden_states=dev(text.llama_bld),
+                encoder_attention_mask=dev(text.llama_mask_bl),
+                pooled_projections=dev(text.clip_pooled_bd),
                 **fixed,
             )[0].float()
 
@@ -274,15 +407,15 @@ class Engine:
         def velocity(latents: torch.Tensor, sigma: float) -> torch.Tensor:
             cancel.raise_if_cancelled()  # at most one step of work after Stop
             latents = latents.to(device)
-            v = call(latents, sigma, text)
-            if negative is not None:
-                v_neg = call(latents, sigma, negative)
+            v = call(latents, sigma, cond.text)
+            if cond.negative is not None:
+                v_neg = call(latents, sigma, cond.negative)
                 v = rescale_cfg(v_neg + params.cfg * (v - v_neg), v, params.cfg_rescale)
             last_x0["x0"] = latents - sigma * v  # the clean-video estimate makes the nicer preview
             return v
 
         def on_step(i: int, _latents: torch.Tensor) -> None:
-            emit(StepProgress(layout.number + 1, sections, i + 1, params.steps, time.perf_counter() - started,
-                              latent_preview(last_x0["x0"], preview_map)))
+            emit(StepProgress(layout.number + 1, sections, i + 1, params.steps, time.perf_counter() - job.started,
+                              latent_preview(last_x0["x0"], cond.preview_map)))
 
         return sample_flow(velocity, noise.to(device), sigmas, params.sampler, on_step)
