@@ -1,0 +1,394 @@
+"""Memory: probe the machine, then plan (a pure function) where every model lives in every stage.
+
+Stages never need more than one big model at once (DESIGN.md §4): text -> image -> sections -> decode.
+The plan decides, from probed facts and model sizes only:
+  - the transformer's storage: "bf16" in RAM, "fp8" in RAM (half the RAM and half the PCIe traffic,
+    bf16 compute per layer), or "disk" (fp8 weights memory-mapped from a cache file, so they never
+    count as anonymous RAM);
+  - how many transformer blocks stay resident on the GPU; the rest stream block by block with the
+    next block's copy overlapping the current block's compute;
+  - how the 8B LLaMA text encoder runs (fp16 on the GPU, 8-bit or 4-bit with bitsandbytes, or
+    memory-mapped and streamed layer by layer) — it is loaded for the text stage and released before the transformer is needed;
+  - whether the VAE decodes tiled.
+It predicts peak VRAM and peak RAM per stage. `probe()` is the only function that looks at the
+machine; everything else is pure and tested with injected facts, including on the real 13B
+configuration built on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GB = 1024**3
+PROFILES = ("auto", "bf16", "fp8", "disk")
+
+# Real component sizes at their shipped precision (bytes), for planning before a download and in tests.
+REAL_SIZES_BYTES = {
+    "text_encoder": 15_010_000_000,  # LLaMA-3 8B, fp16
+    "text_encoder_2": 246_000_000,  # CLIP-L text, fp16
+    "image_encoder": 857_000_000,  # SigLIP so400m, fp16 (from flux_redux_bfl)
+    "vae": 493_000_000,  # HunyuanVideo 3D VAE, fp16/fp32 mix
+}
+
+# Things the plan cannot see in tensor sizes.
+CUDA_CONTEXT_BYTES = int(0.45 * GB)  # CUDA context + cuBLAS workspaces; lives on the card, outside torch
+PROCESS_RAM_BYTES = int(2.5 * GB)  # python + torch + CUDA libraries + gradio, measured order of magnitude
+FRAGMENTATION = 1.10  # caching-allocator slack over the sum of live tensors
+TILED_DECODE_BYTES = int(1.6 * GB)  # HunyuanVideo VAE, 256 px tiles x (16+1) frames, fp16 (measured order)
+# Whole-frame decode: the last up-block runs 128 channels at full resolution for every output frame,
+# fp16, with about three such tensors alive at once: 128 x 2 x 3 bytes per output pixel-frame.
+UNTILED_DECODE_BYTES_PER_PIXEL_FRAME = 768
+
+
+@dataclass(frozen=True)
+class SystemFacts:
+    cuda: bool
+    gpu_name: str | None
+    vram_total: int
+    vram_free: int
+    ram_total: int
+    ram_available: int
+    disk_free: int
+    bitsandbytes: bool = False
+
+
+@dataclass(frozen=True)
+class TransformerSize:
+    blocks: tuple[int, ...]  # bytes of each dual/single block at bf16
+    other: int  # embedders, refiner, norms, projections at bf16 (always on the GPU when streaming)
+    fp8_fraction: float = 0.985  # share of block bytes layerwise casting stores in fp8 (norms stay bf16)
+    hidden: int = 3072  # inner dim, for the activation estimate
+
+    @property
+    def total(self) -> int:
+        return sum(self.blocks) + self.other
+
+    def block_bytes(self, storage: str) -> int:
+        """Bytes of the largest block in a storage precision."""
+        big = max(self.blocks) if self.blocks else 0
+        return int(big * (1 - self.fp8_fraction / 2)) if storage in ("fp8", "disk") else big
+
+    def blocks_bytes(self, storage: str) -> int:
+        total = sum(self.blocks)
+        return int(total * (1 - self.fp8_fraction / 2)) if storage in ("fp8", "disk") else total
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    transformer: TransformerSize
+    text_encoder: int = REAL_SIZES_BYTES["text_encoder"]
+    text_encoder_2: int = REAL_SIZES_BYTES["text_encoder_2"]
+    image_encoder: int = REAL_SIZES_BYTES["image_encoder"]
+    vae: int = REAL_SIZES_BYTES["vae"]
+
+
+@dataclass(frozen=True)
+class JobShape:
+    height: int = 640
+    width: int = 608
+    window: int = 9
+    text_tokens: int = 512
+    image_tokens: int = 729
+    history: tuple[int, int, int] = (1, 2, 16)
+
+
+@dataclass(frozen=True)
+class Placement:
+    model: str
+    where: str  # "gpu", "cpu", "stream" (cpu -> gpu block by block), "disk" (mmap -> gpu)
+    storage: str  # "bf16", "fp16", "fp8", "int8", "int4", "fp32"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    placements: tuple[Placement, ...]
+    vram: int  # predicted peak bytes on the GPU (0 without CUDA)
+    ram: int  # predicted peak anonymous RAM of the process
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    profile: str
+    device: str  # "cuda" or "cpu"
+    transformer_storage: str  # "bf16", "fp8", "disk"
+    resident_blocks: int
+    streamed_blocks: int
+    text_encoder_mode: str  # "gpu-fp16", "gpu-int8", "gpu-int4", "disk-fp16" (mmap + streamed), "cpu"
+    keep_text_encoder: bool  # keep LLaMA in RAM between jobs (only with plenty of RAM)
+    vae_tiling: bool
+    activation_bytes: int
+    stages: tuple[StagePlan, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def peak_vram(self) -> int:
+        return max(s.vram for s in self.stages)
+
+    @property
+    def peak_ram(self) -> int:
+        return max(s.ram for s in self.stages)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["peak_vram"], d["peak_ram"] = self.peak_vram, self.peak_ram
+        return d
+
+    def table(self) -> str:
+        """One readable table for logs and the job record."""
+        gb = lambda b: f"{b / GB:5.1f} GB"  # noqa: E731
+        lines = [f"memory plan ({self.profile}, {self.device}): transformer {self.transformer_storage}, "
+                 f"{self.resident_blocks} blocks resident / {self.streamed_blocks} streamed, "
+                 f"text encoder {self.text_encoder_mode}, VAE {'tiled' if self.vae_tiling else 'whole frames'}",
+                 f"{'stage':9s} {'peak VRAM':>9s} {'peak RAM':>9s}  placement"]
+        for s in self.stages:
+            where = ", ".join(f"{p.model}@{p.where}/{p.storage}" for p in s.placements)
+            lines.append(f"{s.stage:9s} {gb(s.vram):>9s} {gb(s.ram):>9s}  {where}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ---- sizes
+
+
+def activation_bytes(shape: JobShape, hidden: int = 3072, dtype_bytes: int = 2) -> int:
+    """Peak activation bytes of one transformer block call, with a flash/memory-efficient attention kernel.
+
+    Tokens: the noisy window (patch 1x2x2), the clean 1x frames (start + 1x history, same patch),
+    the 2x history (kernel 2x4x4) and 4x history (kernel 4x8x8), plus text and SigLIP image tokens.
+    A single-stream block is the largest: live at its peak are the input and the normed input (2),
+    q, k, v (3), the attention output (1), the MLP up-projection and its GELU (2 x 4), and the
+    concatenated [attention, MLP] output (5): 19 x tokens x hidden. RoPE tables (fp32 cos+sin of
+    the 128-wide head) and the modulation vectors are small next to that. Attention itself is
+    O(tokens) with flash / memory-efficient SDPA, which CUDA uses for bf16.
+    """
+    lh, lw = shape.height // 8, shape.width // 8
+    per_frame = (lh // 2) * (lw // 2)
+    h1, h2, h4 = shape.history
+    window = shape.window * per_frame
+    clean = (1 + h1) * per_frame
+    two_x = math.ceil(h2 / 2) * math.ceil(lh / 4) * math.ceil(lw / 4)
+    four_x = math.ceil(h4 / 4) * math.ceil(lh / 8) * math.ceil(lw / 8)
+    tokens = window + clean + two_x + four_x + shape.text_tokens + shape.image_tokens
+    block_peak = 19 * tokens * hidden * dtype_bytes
+    rope = tokens * 128 * 2 * 4
+    return block_peak + rope
+
+
+def transformer_size_from_module(model) -> TransformerSize:
+    """Sizes at bf16 from a (meta or real) HunyuanVideoFramepackTransformer3DModel."""
+    blocks = []
+    in_blocks = set()
+    for attr in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(model, attr):
+            blocks.append(sum(p.numel() * 2 for p in block.parameters()))
+            in_blocks.update(id(p) for p in block.parameters())
+    other = sum(p.numel() * 2 for p in model.parameters() if id(p) not in in_blocks)
+    hidden = model.config.num_attention_heads * model.config.attention_head_dim
+    return TransformerSize(tuple(blocks), other, hidden=hidden)
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def folder_tensor_sizes(folder: Path) -> dict[str, int]:
+    """Tensor name -> bytes at bf16 (2 bytes per element), read from safetensors headers only."""
+    sizes = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        for name, meta in _safetensors_header(f).items():
+            if name != "__metadata__":
+                sizes[name] = math.prod(meta["shape"]) * 2
+    return sizes
+
+
+def transformer_size_from_folder(folder: Path) -> TransformerSize:
+    sizes = folder_tensor_sizes(folder)
+    per_block: dict[tuple[str, int], int] = {}
+    other = 0
+    for name, nbytes in sizes.items():
+        head = name.split(".")
+        if head[0] in ("transformer_blocks", "single_transformer_blocks") and len(head) > 1 and head[1].isdigit():
+            key = (head[0], int(head[1]))
+            per_block[key] = per_block.get(key, 0) + nbytes
+        else:
+            other += nbytes
+    order = sorted(per_block, key=lambda k: (k[0] != "transformer_blocks", k[1]))
+    hidden = 3072
+    config = Path(folder) / "config.json"
+    if config.is_file():
+        cfg = json.loads(config.read_text())
+        hidden = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
+    return TransformerSize(tuple(per_block[k] for k in order), other, hidden=hidden)
+
+
+def model_sizes_from_folder(root: Path, mode: str) -> ModelSizes:
+    """Sizes of a model folder's parts from their safetensors headers (no weights are read)."""
+    part = "transformer" if mode == "inverted" else "transformer_f1"
+    total = lambda name: sum(folder_tensor_sizes(Path(root) / name).values())  # noqa: E731
+    return ModelSizes(
+        transformer=transformer_size_from_folder(Path(root) / part),
+        text_encoder=total("text_encoder"), text_encoder_2=total("text_encoder_2"),
+        image_encoder=total("image_encoder"), vae=total("vae"),
+    )
+
+
+# ---- probing (the only impure part)
+
+
+def probe(path_for_disk: Path | str = ".") -> SystemFacts:
+    import importlib.util
+
+    import psutil
+    import torch
+
+    vm = psutil.virtual_memory()
+    cuda = torch.cuda.is_available()
+    free = total = 0
+    name = None
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        name = torch.cuda.get_device_name()
+    probe_path = Path(path_for_disk)
+    while not probe_path.exists() and probe_path != probe_path.parent:
+        probe_path = probe_path.parent
+    return SystemFacts(
+        cuda=cuda, gpu_name=name, vram_total=total, vram_free=free, ram_total=vm.total,
+        ram_available=vm.available, disk_free=shutil.disk_usage(probe_path).free,
+        bitsandbytes=cuda and importlib.util.find_spec("bitsandbytes") is not None,
+    )
+
+
+# ---- the plan (pure)
+
+
+def _transformer_ram(size: TransformerSize, storage: str) -> int:
+    if storage == "disk":
+        return 0  # memory-mapped fp8 file: page cache, not anonymous memory
+    return size.blocks_bytes(storage) + size.other
+
+
+def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = "auto",
+         keep_free_gb: float | None = None) -> MemoryPlan:
+    """Choose placements so every stage's predicted peak stays under the facts (see module docstring)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown memory profile {profile!r}")
+    notes: list[str] = []
+    tsize = sizes.transformer
+    small_ram = sizes.text_encoder_2 + sizes.image_encoder + sizes.vae  # always held in RAM, moved per stage
+    act = activation_bytes(shape, hidden=tsize.hidden)
+    ram_budget = facts.ram_available - PROCESS_RAM_BYTES - small_ram
+
+    # Transformer storage: the most exact one that fits in RAM, unless the profile names one.
+    if profile != "auto":
+        storage = profile
+    elif _transformer_ram(tsize, "bf16") <= ram_budget * 0.9:
+        storage = "bf16"
+    elif _transformer_ram(tsize, "fp8") <= ram_budget * 0.9:
+        storage = "fp8"
+        notes.append("fp8 weight storage: the bf16 transformer does not fit in free RAM")
+    else:
+        storage = "disk"
+        notes.append("weights streamed from an fp8 file on disk: not even fp8 fits in free RAM")
+
+    if not facts.cuda:
+        return _cpu_plan(profile, storage, sizes, act, notes, ram_budget)
+
+    keep_free = int((keep_free_gb if keep_free_gb is not None else 0.0) * GB)
+    vram_budget = min(facts.vram_total - CUDA_CONTEXT_BYTES, facts.vram_free) - keep_free
+    storage_gpu = "fp8" if storage in ("fp8", "disk") else "bf16"
+    block = tsize.block_bytes(storage)
+    # Upcasting an fp8 layer to bf16 briefly holds the largest layer twice (~1/6 of a block).
+    upcast = int(max(tsize.blocks) / 6) if storage_gpu == "fp8" and tsize.blocks else 0
+    fixed = tsize.other + act + upcast + 64 * 1024**2  # + latents, embeddings, indices
+    n_blocks = len(tsize.blocks)
+    if (fixed + tsize.blocks_bytes(storage)) * FRAGMENTATION <= vram_budget:
+        resident = n_blocks
+    else:
+        # Two blocks in flight while streaming: the one computing and the one being copied.
+        room = vram_budget / FRAGMENTATION - fixed - 2 * block
+        resident = max(0, min(n_blocks, int(room // block))) if block else 0
+        if room < 0:
+            notes.append("the GPU is smaller than one streamed block plus activations; expect out-of-memory")
+    streamed = n_blocks - resident
+    blocks_on_gpu = (resident + (2 if streamed else 0)) * block
+    sections_vram = int((fixed + min(blocks_on_gpu, tsize.blocks_bytes(storage))) * FRAGMENTATION)
+
+    # Text stage: the 8B LLaMA alone on the GPU if it fits, else quantized, else streamed/CPU.
+    llama = sizes.text_encoder
+    text_act = int(0.3 * GB)
+    if (llama + text_act) * FRAGMENTATION <= vram_budget:
+        text_mode, llama_gpu = "gpu-fp16", llama
+    elif facts.bitsandbytes and (llama * 0.55 + text_act) * FRAGMENTATION <= vram_budget:
+        text_mode, llama_gpu = "gpu-int8", int(llama * 0.55)
+    elif facts.bitsandbytes and (llama * 0.32 + text_act) * FRAGMENTATION <= vram_budget:
+        text_mode, llama_gpu = "gpu-int4", int(llama * 0.32)
+    else:
+        # Memory-mapped from the safetensors files and streamed layer by layer: no anonymous RAM.
+        text_mode, llama_gpu = "disk-fp16", int(llama / 32 * 2)  # two of 32 layers in flight
+        notes.append("the text encoder streams from disk layer by layer (bitsandbytes 4-bit needs ~6 GB free)")
+    text_vram = int((llama_gpu + sizes.text_encoder_2 + text_act) * FRAGMENTATION)
+    # Loading passes at most one ~5 GB shard through RAM; the memory-mapped mode passes none.
+    text_ram_llama = 0 if text_mode == "disk-fp16" else min(llama, int(5 * GB))
+    keep_text = storage == "bf16" and ram_budget > _transformer_ram(tsize, storage) + llama + 4 * GB
+
+    image_vram = int((sizes.image_encoder + sizes.vae + 0.6 * GB) * FRAGMENTATION)
+    pixel_frames = shape.height * shape.width * (8 * shape.window + 1)  # one section decode with its neighbour
+    untiled = pixel_frames * UNTILED_DECODE_BYTES_PER_PIXEL_FRAME
+    tiled = (sizes.vae + untiled) * FRAGMENTATION > vram_budget
+    decode_act = TILED_DECODE_BYTES if tiled else untiled
+    decode_vram = int((sizes.vae + decode_act) * FRAGMENTATION)
+    # Decoded frames stay on the CPU only for the still-changing edge (stitch.py); a section's decode
+    # is (8w+1) frames of float32 RGB, briefly.
+    decode_ram_frames = pixel_frames * 3 * 4
+
+    t_ram = _transformer_ram(tsize, storage)
+    pinned = 2 * block  # low_cpu_mem_usage pins only the blocks in flight
+    base = PROCESS_RAM_BYTES + small_ram
+    stages = (
+        StagePlan("text", (Placement("text_encoder", text_mode.split("-")[0], text_mode.split("-")[-1]),
+                           Placement("text_encoder_2", "gpu", "fp16")),
+                  text_vram, base + text_ram_llama + (t_ram if keep_text else 0)),
+        StagePlan("image", (Placement("image_encoder", "gpu", "fp16"), Placement("vae", "gpu", "fp16")),
+                  image_vram, base + t_ram + (llama if keep_text else 0)),
+        StagePlan("sections", (Placement("transformer", "gpu" if streamed == 0 else
+                                         ("disk" if storage == "disk" else "stream"), storage_gpu),),
+                  sections_vram, base + t_ram + pinned + (llama if keep_text else 0)),
+        StagePlan("decode", (Placement("vae", "gpu", "fp16"),),
+                  decode_vram, base + t_ram + decode_ram_frames + (llama if keep_text else 0)),
+    )
+    if storage == "bf16" and streamed == 0 and profile == "auto":
+        notes.append("the whole transformer fits on the GPU; nothing streams")
+    return MemoryPlan(profile, "cuda", storage, resident, streamed, text_mode, keep_text, tiled, act, stages,
+                      tuple(notes))
+
+
+def _cpu_plan(profile: str, storage: str, sizes: ModelSizes, act: int, notes: list[str], ram_budget: int
+              ) -> MemoryPlan:
+    tsize = sizes.transformer
+    base = PROCESS_RAM_BYTES + sizes.text_encoder_2 + sizes.image_encoder + sizes.vae
+    t_ram = _transformer_ram(tsize, storage)
+    # The LLaMA runs from its memory-mapped files when RAM cannot hold it as well.
+    text_mode = "cpu" if sizes.text_encoder <= ram_budget * 0.9 else "disk-fp16"
+    text_ram = sizes.text_encoder if text_mode == "cpu" else 0
+    notes.append("no CUDA GPU: everything runs on the CPU (practical only with the tiny test model)")
+    stages = (
+        StagePlan("text", (Placement("text_encoder", text_mode.split("-")[0], "bf16"),), 0, base + text_ram),
+        StagePlan("image", (Placement("image_encoder", "cpu", "bf16"), Placement("vae", "cpu", "bf16")), 0,
+                  base + t_ram),
+        StagePlan("sections", (Placement("transformer", "cpu", storage),), 0, base + t_ram + act),
+        StagePlan("decode", (Placement("vae", "cpu", "bf16"),), 0, base + t_ram + TILED_DECODE_BYTES),
+    )
+    return MemoryPlan(profile, "cpu", storage, len(tsize.blocks), 0, text_mode, False, True, act, stages,
+                      tuple(notes))
