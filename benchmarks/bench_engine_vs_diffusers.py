@@ -52,7 +52,7 @@ def main() -> None:
     params = JobParams(image=str(photo), prompt="a calm lake at dawn", seconds=args.seconds, window=args.window,
                        steps=args.steps, resolution=args.resolution, sampler="euler", models=str(models_dir),
                        outputs=str(work / "out"), seed=1)
-    models = engine.models_for(models_dir, "inverted")
+    models = engine.loaded_models(params)
 
     image = load_image(photo)
     height, width = schedule.find_bucket(image.height, image.width, args.resolution)

@@ -325,30 +325,35 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
     blocks_on_gpu = (resident + (2 if streamed else 0)) * block
     sections_vram = int((fixed + min(blocks_on_gpu, tsize.blocks_bytes(storage))) * FRAGMENTATION)
 
-    # Text stage: the 8B LLaMA alone on the GPU if it fits, else quantized, else streamed/CPU.
+    # Resident transformer blocks stay on the GPU between sections and between jobs (moving them would
+    # cost a copy each time), so every later stage shares the card with them.
+    kept = tsize.other + resident * block
+    text_budget = vram_budget - kept * FRAGMENTATION
+
+    # Text stage: the 8B LLaMA on the GPU if it fits, else quantized, else streamed from disk.
     llama = sizes.text_encoder
     text_act = int(0.3 * GB)
-    if (llama + text_act) * FRAGMENTATION <= vram_budget:
+    if (llama + text_act) * FRAGMENTATION <= text_budget:
         text_mode, llama_gpu = "gpu-fp16", llama
-    elif facts.bitsandbytes and (llama * 0.55 + text_act) * FRAGMENTATION <= vram_budget:
+    elif facts.bitsandbytes and (llama * 0.55 + text_act) * FRAGMENTATION <= text_budget:
         text_mode, llama_gpu = "gpu-int8", int(llama * 0.55)
-    elif facts.bitsandbytes and (llama * 0.32 + text_act) * FRAGMENTATION <= vram_budget:
+    elif facts.bitsandbytes and (llama * 0.32 + text_act) * FRAGMENTATION <= text_budget:
         text_mode, llama_gpu = "gpu-int4", int(llama * 0.32)
     else:
         # Memory-mapped from the safetensors files and streamed layer by layer: no anonymous RAM.
         text_mode, llama_gpu = "disk-fp16", int(llama / 32 * 2)  # two of 32 layers in flight
         notes.append("the text encoder streams from disk layer by layer (bitsandbytes 4-bit needs ~6 GB free)")
-    text_vram = int((llama_gpu + sizes.text_encoder_2 + text_act) * FRAGMENTATION)
+    text_vram = int((kept + llama_gpu + sizes.text_encoder_2 + text_act) * FRAGMENTATION)
     # Loading passes at most one ~5 GB shard through RAM; the memory-mapped mode passes none.
     text_ram_llama = 0 if text_mode == "disk-fp16" else min(llama, int(5 * GB))
     keep_text = storage == "bf16" and ram_budget > _transformer_ram(tsize, storage) + llama + 4 * GB
 
-    image_vram = int((sizes.image_encoder + sizes.vae + 0.6 * GB) * FRAGMENTATION)
+    image_vram = int((kept + sizes.image_encoder + sizes.vae + 0.6 * GB) * FRAGMENTATION)
     pixel_frames = shape.height * shape.width * (8 * shape.window + 1)  # one section decode with its neighbour
     untiled = pixel_frames * UNTILED_DECODE_BYTES_PER_PIXEL_FRAME
-    tiled = (sizes.vae + untiled) * FRAGMENTATION > vram_budget
+    tiled = (kept + sizes.vae + untiled) * FRAGMENTATION > vram_budget
     decode_act = TILED_DECODE_BYTES if tiled else untiled
-    decode_vram = int((sizes.vae + decode_act) * FRAGMENTATION)
+    decode_vram = int((kept + sizes.vae + decode_act) * FRAGMENTATION)
     # Decoded frames stay on the CPU only for the still-changing edge (stitch.py); a section's decode
     # is (8w+1) frames of float32 RGB, briefly.
     decode_ram_frames = pixel_frames * 3 * 4

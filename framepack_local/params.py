@@ -16,6 +16,7 @@ DEFAULT_OUTPUTS = APP_ROOT / "outputs"
 
 MODES = ("inverted", "forward")
 SAMPLERS = ("unipc", "euler")
+MEMORY_PROFILES = ("auto", "bf16", "fp8", "disk")  # same names as memory.PROFILES
 
 # Seeds are stored in JSON and fed to torch.Generator.manual_seed; 2**63-1 keeps both exact.
 MAX_SEED = 2**63 - 1
@@ -45,6 +46,9 @@ class JobParams:
     resolution: int = 640
     crf: int = 16
     sampler: str = "unipc"
+    # Memory settings change where weights live, never the result (memory.py).
+    memory_profile: str = "auto"
+    keep_free_gb: float = 0.0
     models: str = str(DEFAULT_MODELS)
     outputs: str = str(DEFAULT_OUTPUTS)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -68,6 +72,9 @@ class JobParams:
         _check_int("crf", self.crf, 0, 51)
         if self.mode not in MODES:
             raise InputError(f"Mode must be one of {', '.join(MODES)}, not {self.mode!r}.")
+        _check_number("keep_free_gb", self.keep_free_gb, 0.0, 128.0, "GPU memory to keep free, in GB")
+        if self.memory_profile not in MEMORY_PROFILES:
+            raise InputError(f"Memory profile must be one of {', '.join(MEMORY_PROFILES)}, not {self.memory_profile!r}.")
         if self.sampler not in SAMPLERS:
             raise InputError(f"Sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}.")
         if self.end_image and self.mode != "inverted":

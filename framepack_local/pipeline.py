@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import jobs, schedule
+import dataclasses
+
+from . import jobs, memory, prompt_cache, schedule
 from .encode import (
     TextConditioning, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode, vae_encode,
 )
@@ -27,8 +29,9 @@ from .events import (
     CancelToken, EventHandler, JobFinished, JobStarted, Notice, SectionFinished, StageChanged, StepProgress,
 )
 from .images import cover_resize_crop, load_image
-from .models import LoadedModels, check_model_folder, load_models, model_identity
+from .models import LoadedModels, check_model_folder, load_part, model_identity
 from .params import JobParams
+from .residency import ModelManager
 from .sampler import rescale_cfg, sample_flow
 from .schedule import SectionLayout
 from .stitch import Stitcher
@@ -137,16 +140,35 @@ class Engine:
         self.device = torch.device(device) if device is not None else default_device()
         # bf16 is what the checkpoints ship; CPUs are far faster and exact enough in float32.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self._models: LoadedModels | None = None
-        self._models_key: tuple | None = None
+        self._manager: ModelManager | None = None
 
-    def models_for(self, root: Path, mode: str) -> LoadedModels:
-        key = (str(root.resolve()), mode)
-        if self._models_key != key:
-            self._models = None  # drop the old set before loading the next one
-            self._models = load_models(root, [mode], device=self.device, dtype=self.dtype)
-            self._models_key = key
-        return self._models
+    def plan_for(self, params: JobParams, height: int, width: int) -> memory.MemoryPlan:
+        """The memory plan for a job on this machine (pure planning over probed facts)."""
+        facts = memory.probe(params.outputs_path)
+        if self.device.type != "cuda":
+            facts = dataclasses.replace(facts, cuda=False, vram_total=0, vram_free=0, bitsandbytes=False)
+        sizes = memory.model_sizes_from_folder(params.models_path, params.mode)
+        shape = memory.JobShape(height=height, width=width, window=params.window)
+        return memory.plan(facts, sizes, shape, params.memory_profile, params.keep_free_gb or None)
+
+    def manager(self, params: JobParams, plan: memory.MemoryPlan) -> ModelManager:
+        """Models stay loaded between jobs while the folder, mode and transformer storage stay the same."""
+        fresh = ModelManager(params.models_path, params.mode, plan, self.device, self.dtype)
+        if self._manager is None or self._manager.key[:3] != fresh.key[:3]:
+            if self._manager is not None:
+                self._manager.close()  # drop the old set before loading the next one
+            self._manager = fresh
+        else:
+            self._manager.plan = plan
+        return self._manager
+
+    def loaded_models(self, params: JobParams) -> LoadedModels:
+        """Every part at once, the transformer being the very object generate() uses (tests, benchmarks)."""
+        mgr = self.manager(params, self.plan_for(params, 64, 64))
+        small = {n: mgr.small(n) for n in ("tokenizer", "text_encoder_2", "tokenizer_2", "vae", "image_encoder",
+                                           "feature_extractor")}
+        llama = load_part(params.models_path, "text_encoder", device=self.device, dtype=self.dtype)
+        return LoadedModels(text_encoder=llama, transformers={params.mode: mgr.transformer()}, **small)
 
     # ---- entry points
 
@@ -246,16 +268,21 @@ class Engine:
         logger.info("job %s: %d sections x %d steps, %d frames at %dx%d%s", job.job_id, sections, params.steps,
                     record["frames"], width, height, f", resuming after {len(saved)}" if saved else "")
 
-        # 3. Models
+        # 3. Models, placed by the memory plan
         t0 = time.perf_counter()
-        emit(StageChanged("load", "Loading models"))
-        models = self.models_for(params.models_path, params.mode)
-        # Frame-by-frame VAE decoding saves GPU memory but doubles the time on a CPU, where RAM is plenty.
-        models.vae.use_framewise_decoding = self.device.type == "cuda"
+        emit(StageChanged("load", "Planning memory and loading models"))
+        plan = self.plan_for(params, height, width)
+        logger.info("%s", plan.table())
+        record["memory_plan"] = plan.to_dict()
         record["models"] = model_identity(params.models_path)
+        mgr = self.manager(params, plan)
         timings["load"] = time.perf_counter() - t0
 
-        cond = self._condition(job, models, emit)
+        cond = self._condition(job, mgr, emit)
+        t0 = time.perf_counter()
+        transformer = mgr.transformer()
+        vae = mgr.vae()
+        timings["load"] += time.perf_counter() - t0
 
         # 6. Sections
         inverted = params.mode == "inverted"
@@ -272,7 +299,8 @@ class Engine:
             generator.set_state(saved[-1]["rng_state"])
             stitcher = Stitcher(overlap, prepend=inverted, sink=lambda f: writer.add_finished(_to_uint8(f)))
             # The edge that the next section blends with is a pure function of the last decode.
-            decoded = vae_decode(models.vae, last_span)
+            with mgr.on_device("vae"):
+                decoded = vae_decode(vae, last_span)
             stitcher.pending = decoded[:overlap].clone() if inverted else decoded[-overlap:].clone()
             stitcher.emitted = writer.finished_frame_count
         else:
@@ -292,7 +320,8 @@ class Engine:
                     (1, schedule.LATENT_CHANNELS, params.window, height // schedule.VAE_SPATIAL,
                      width // schedule.VAE_SPATIAL), generator=generator)
                 context = history.context(layout, cond.start_latent, cond.end_latent)
-                latents = self._sample_section(models, job, layout, context, cond, noise, sigmas, cancel, emit).cpu()
+                latents = self._sample_section(transformer, job, layout, context, cond, noise, sigmas, cancel,
+                                               emit).cpu()
                 timings["sampling"] += time.perf_counter() - t0
 
                 if inverted and layout.is_last:
@@ -302,7 +331,8 @@ class Engine:
 
                 t0 = time.perf_counter()
                 emit(StageChanged("decode", f"Decoding section {layout.number + 1} of {sections}"))
-                stitcher.add(vae_decode(models.vae, to_decode))
+                with mgr.on_device("vae"):
+                    stitcher.add(vae_decode(vae, to_decode))
                 timings["decode"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
@@ -334,42 +364,56 @@ class Engine:
         emit(JobFinished(status, job.job_dir, video_path, timings["total"]))
         return JobResult(status, job.job_id, job.job_dir, video_path)
 
-    def _condition(self, job: _Job, models: LoadedModels, emit: EventHandler) -> _Conditioning:
+    def _condition(self, job: _Job, mgr: ModelManager, emit: EventHandler) -> _Conditioning:
         """4. Text and 5. image conditioning (recomputed on resume: all of it is deterministic)."""
         params, timings = job.params, job.timings
         t0 = time.perf_counter()
         emit(StageChanged("text", "Encoding the prompt"))
-        text = self._encode_text(models, params.prompt)
+        prompts = [params.prompt] + ([params.negative_prompt] if params.uses_real_cfg else [])
+        encoded = self._encode_prompts(mgr, prompts, job.record["models"])
+        text, negative = encoded[0], (encoded[1] if params.uses_real_cfg else None)
         if text.truncated:
             emit(Notice(f"The prompt is longer than the text encoder takes; only its first "
                         f"{text.prompt_tokens} tokens are used."))
-        negative = self._encode_text(models, params.negative_prompt) if params.uses_real_cfg else None
         timings["text"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         emit(StageChanged("image", "Encoding the image"))
-        image_embeds = encode_image_siglip(models.image_encoder, models.feature_extractor, job.start_rgb, self.device)
-        start_latent = vae_encode(models.vae, job.start_rgb, self.device).cpu()
-        end_latent = None
-        if job.end_rgb is not None:
-            end_embeds = encode_image_siglip(models.image_encoder, models.feature_extractor, job.end_rgb, self.device)
-            # Start and end are weighted equally, as in diffusers' first/last-frame pipeline.
-            image_embeds = (image_embeds + end_embeds) / 2
-            end_latent = vae_encode(models.vae, job.end_rgb, self.device).cpu()
+        with mgr.on_device("image_encoder", "feature_extractor", "vae") as (siglip, processor, _):
+            vae = mgr.vae()
+            image_embeds = encode_image_siglip(siglip, processor, job.start_rgb, self.device)
+            start_latent = vae_encode(vae, job.start_rgb, self.device).cpu()
+            end_latent = None
+            if job.end_rgb is not None:
+                end_embeds = encode_image_siglip(siglip, processor, job.end_rgb, self.device)
+                # Start and end are weighted equally, as in diffusers' first/last-frame pipeline.
+                image_embeds = (image_embeds + end_embeds) / 2
+                end_latent = vae_encode(vae, job.end_rgb, self.device).cpu()
         timings["image"] = time.perf_counter() - t0
-        return _Conditioning(text, negative, image_embeds, start_latent, end_latent,
+        return _Conditioning(text, negative, image_embeds.cpu(), start_latent, end_latent,
                              fit_latent_preview(start_latent[0], job.start_rgb))
 
-    def _encode_text(self, models: LoadedModels, prompt: str) -> TextConditioning:
-        return encode_text(models.text_encoder, models.tokenizer, models.text_encoder_2, models.tokenizer_2,
-                           prompt, self.device)
+    def _encode_prompts(self, mgr: ModelManager, prompts: list[str], identity: dict) -> list[TextConditioning]:
+        """Cached embeddings where present; the 8B encoder is loaded only for the ones missing."""
+        cache_dir = mgr.root / ".cache" / "prompts"
+        keys = [prompt_cache.cache_key(p, identity) for p in prompts]
+        found = [prompt_cache.load(cache_dir, k) for k in keys]
+        if all(f is not None for f in found):
+            logger.info("prompt embeddings from the cache; the text encoder is not loaded")
+            return found
+        with mgr.text_encoder() as llama, mgr.on_device("tokenizer", "text_encoder_2", "tokenizer_2") as (
+                tok, clip, tok2):
+            for i, prompt in enumerate(prompts):
+                if found[i] is None:
+                    found[i] = encode_text(llama, tok, clip, tok2, prompt, self.device)
+                    prompt_cache.store(cache_dir, keys[i], found[i])
+        return found
 
-    def _sample_section(self, models: LoadedModels, job: _Job, layout: SectionLayout, context: dict,
+    def _sample_section(self, transformer, job: _Job, layout: SectionLayout, context: dict,
                         cond: _Conditioning, noise: torch.Tensor, sigmas: list[float], cancel: CancelToken,
                         emit: EventHandler) -> torch.Tensor:
         params = job.params
-        transformer = models.transformers[params.mode]
-        dtype, device = transformer.dtype, self.device
+        dtype, device = self.dtype, self.device
         sections = job.record["sections"]
 
         def dev(t: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def run_engine(engine, tiny_model_dir, tmp_path, photo, mode, end_photo, seconds
                        seconds=seconds, window=window, steps=steps, mode=mode, sampler="euler",
                        resolution=96, models=str(tiny_model_dir), outputs=str(tmp_path / "out"), seed=7,
                        cfg=cfg, negative_prompt="blurry" if cfg > 1 else "")
-    models = engine.models_for(tiny_model_dir, mode)
+    models = engine.loaded_models(params)
     rec = Recorder(models.transformers[mode])
     try:
         result = engine.generate(params)
