@@ -8,6 +8,8 @@ are bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -18,13 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import dataclasses
-
 from . import jobs, memory, prompt_cache, schedule
 from .encode import (
     TextConditioning, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode, vae_encode,
 )
-from .errors import Cancelled, FramePackError, GpuMemoryError, InputError
+from .errors import Cancelled, FramePackError, GpuMemoryError, InputError, OutputFolderError
 from .events import (
     CancelToken, EventHandler, JobFinished, JobStarted, Notice, SectionFinished, StageChanged, StepProgress,
 )
@@ -79,6 +79,16 @@ class _Conditioning:
     start_latent: torch.Tensor  # (1, 16, 1, h, w) float32 on the CPU
     end_latent: torch.Tensor | None
     preview_map: torch.Tensor
+
+
+def _write_failure(job_dir: Path, exc: OSError) -> str:
+    """One sentence for a file-system failure in the middle of a job."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"The disk holding {job_dir} is full; free some space and resume the job "
+                f"(the finished sections are kept).")
+    if not job_dir.exists():
+        return f"The job folder {job_dir} was removed while the job was running; start the job again."
+    return f"Could not write to {job_dir} ({exc.strerror or exc}); check the outputs folder and resume the job."
 
 
 def default_device() -> torch.device:
@@ -249,6 +259,10 @@ class Engine:
                         "free\" (or choose the low-memory profile) and resume the job.")
             self._fail(job, sentence)
             raise GpuMemoryError(sentence) from exc
+        except OSError as exc:
+            sentence = _write_failure(job.job_dir, exc)
+            self._fail(job, sentence)
+            raise OutputFolderError(sentence) from exc
         except Exception as exc:
             self._fail(job, f"The job failed unexpectedly ({type(exc).__name__}); the finished sections are kept.")
             raise
