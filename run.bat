@@ -24,6 +24,7 @@ rem Reinstall only when the requirements or the torch choice changed.
 set STAMP_SRC=.venv\fpl-stamp-src.txt
 (echo torch=%FPL_TORCH_VERSION% index=%TORCH_INDEX% tests=%WANT_TESTS% & type requirements.txt) > %STAMP_SRC%
 if "%WANT_TESTS%"=="1" type requirements-test.txt >> %STAMP_SRC%
+if not "%TORCH_INDEX%"=="" type requirements-cuda.txt >> %STAMP_SRC%
 fc /b %STAMP_SRC% .venv\fpl-stamp.txt >nul 2>nul
 if errorlevel 1 (
   echo Installing packages into .venv ^(first run or requirements changed^) ...
@@ -33,6 +34,7 @@ if errorlevel 1 (
     %VPY% -m pip install -q torch==%FPL_TORCH_VERSION% --index-url %TORCH_INDEX% || exit /b 2
   )
   %VPY% -m pip install -q -r requirements.txt || exit /b 2
+  if not "%TORCH_INDEX%"=="" %VPY% -m pip install -q -r requirements-cuda.txt || exit /b 2
   if "%WANT_TESTS%"=="1" %VPY% -m pip install -q -r requirements-test.txt || exit /b 2
   copy /y %STAMP_SRC% .venv\fpl-stamp.txt >nul
 )

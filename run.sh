@@ -30,6 +30,7 @@ fi
 VPY="$VENV/bin/python"
 
 stamp_input="torch=$TORCH_VERSION index=$torch_index tests=$want_tests $(cat requirements.txt)"
+[ -n "$torch_index" ] && stamp_input="$stamp_input $(cat requirements-cuda.txt)"
 [ $want_tests = 1 ] && stamp_input="$stamp_input $(cat requirements-test.txt)"
 stamp=$(printf '%s' "$stamp_input" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$VENV/.fpl-stamp" 2>/dev/null)" != "$stamp" ]; then
@@ -40,6 +41,7 @@ if [ "$(cat "$VENV/.fpl-stamp" 2>/dev/null)" != "$stamp" ]; then
     "$VPY" -m pip install -q "torch==$TORCH_VERSION"
   fi
   "$VPY" -m pip install -q -r requirements.txt
+  [ -n "$torch_index" ] && "$VPY" -m pip install -q -r requirements-cuda.txt
   [ $want_tests = 1 ] && "$VPY" -m pip install -q -r requirements-test.txt
   echo "$stamp" > "$VENV/.fpl-stamp"
 fi

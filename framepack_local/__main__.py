@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-rescale", type=_number, default=d.cfg_rescale)
     gen.add_argument("--resolution", type=_whole, default=d.resolution, help="bucket base in px (default 640)")
     gen.add_argument("--crf", type=_whole, default=d.crf, help="mp4 quality, 0 best - 51 worst")
+    gen.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=d.memory_profile,
+                     help="transformer weight storage; auto picks the most exact one that fits")
+    gen.add_argument("--keep-free-gb", type=_number, default=d.keep_free_gb,
+                     help="GPU memory to leave unused, in GB (raise it after an out-of-memory error)")
     gen.add_argument("--models", default=str(DEFAULT_MODELS))
     gen.add_argument("--outputs", default=str(DEFAULT_OUTPUTS))
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -89,6 +93,7 @@ def _params(args) -> JobParams:
         steps=args.steps, window=args.window, mode=args.mode, sampler=args.sampler,
         distilled_cfg=args.distilled_cfg, cfg=args.cfg, negative_prompt=args.negative_prompt,
         cfg_rescale=args.cfg_rescale, resolution=args.resolution, crf=args.crf,
+        memory_profile=args.memory_profile, keep_free_gb=args.keep_free_gb,
         models=args.models, outputs=args.outputs,
     ).validate()
 
