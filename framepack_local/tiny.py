@@ -18,6 +18,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .encode import PROMPT_TEMPLATE
+
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
@@ -54,15 +56,7 @@ CLIP_EOS = "<|endoftext|>"
 # HunyuanVideo's prompt template up to the user's text. The real LLaMA-3 tokenizer turns it into 95
 # tokens (BOS included), the `crop_start` that diffusers' HunyuanVideo pipelines hard-code; the tiny
 # tokenizer learns merges until every word of it is one token, so it gives the same 95.
-TEMPLATE_PREAMBLE = (
-    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
-    "1. The main content and theme of the video."
-    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
-    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
-    "4. background environment, light, style and atmosphere."
-    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
-    "<|start_header_id|>user<|end_header_id|>\n\n"
-)
+TEMPLATE_PREAMBLE = PROMPT_TEMPLATE.split("{}")[0]
 TEMPLATE_PREAMBLE_TOKENS = 95
 
 # Merges are learned from this text only; bytes that never occur in it still tokenize because the
