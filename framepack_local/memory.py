@@ -59,23 +59,31 @@ class SystemFacts:
 
 @dataclass(frozen=True)
 class TransformerSize:
-    blocks: tuple[int, ...]  # bytes of each dual/single block at bf16
+    """Bytes of the transformer per storage; fp8 follows diffusers' layerwise-casting rule (loading.py):
+    Linear/Conv weights in fp8, the AdaLN modulation linears, embedders and norms in bf16."""
+
+    blocks: tuple[int, ...]  # each dual/single block at bf16, in execution order
     other: int  # embedders, refiner, norms, projections at bf16 (always on the GPU when streaming)
-    fp8_fraction: float = 0.985  # share of block bytes layerwise casting stores in fp8 (norms stay bf16)
+    blocks_fp8: tuple[int, ...]
+    other_fp8: int
     hidden: int = 3072  # inner dim, for the activation estimate
 
     @property
     def total(self) -> int:
         return sum(self.blocks) + self.other
 
+    def _blocks(self, storage: str) -> tuple[int, ...]:
+        return self.blocks_fp8 if storage in ("fp8", "disk") else self.blocks
+
     def block_bytes(self, storage: str) -> int:
         """Bytes of the largest block in a storage precision."""
-        big = max(self.blocks) if self.blocks else 0
-        return int(big * (1 - self.fp8_fraction / 2)) if storage in ("fp8", "disk") else big
+        return max(self._blocks(storage), default=0)
 
     def blocks_bytes(self, storage: str) -> int:
-        total = sum(self.blocks)
-        return int(total * (1 - self.fp8_fraction / 2)) if storage in ("fp8", "disk") else total
+        return sum(self._blocks(storage))
+
+    def other_bytes(self, storage: str) -> int:
+        return self.other_fp8 if storage in ("fp8", "disk") else self.other
 
 
 @dataclass(frozen=True)
@@ -180,17 +188,23 @@ def activation_bytes(shape: JobShape, hidden: int = 3072, dtype_bytes: int = 2) 
     return block_peak + rope
 
 
+def transformer_size_from_config(config: dict) -> TransformerSize:
+    """Sizes per storage from the transformer's config alone (built on the meta device, no weights)."""
+    from .loading import transformer_block_bytes, transformer_nonblock_bytes
+
+    return TransformerSize(
+        blocks=tuple(transformer_block_bytes(config, "bf16")), other=transformer_nonblock_bytes(config, "bf16"),
+        blocks_fp8=tuple(transformer_block_bytes(config, "fp8")), other_fp8=transformer_nonblock_bytes(config, "fp8"),
+        hidden=config.get("num_attention_heads", 24) * config.get("attention_head_dim", 128),
+    )
+
+
 def transformer_size_from_module(model) -> TransformerSize:
-    """Sizes at bf16 from a (meta or real) HunyuanVideoFramepackTransformer3DModel."""
-    blocks = []
-    in_blocks = set()
-    for attr in ("transformer_blocks", "single_transformer_blocks"):
-        for block in getattr(model, attr):
-            blocks.append(sum(p.numel() * 2 for p in block.parameters()))
-            in_blocks.update(id(p) for p in block.parameters())
-    other = sum(p.numel() * 2 for p in model.parameters() if id(p) not in in_blocks)
-    hidden = model.config.num_attention_heads * model.config.attention_head_dim
-    return TransformerSize(tuple(blocks), other, hidden=hidden)
+    return transformer_size_from_config(dict(model.config))
+
+
+def transformer_size_from_folder(folder: Path) -> TransformerSize:
+    return transformer_size_from_config(json.loads((Path(folder) / "config.json").read_text()))
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -199,38 +213,14 @@ def _safetensors_header(path: Path) -> dict:
         return json.loads(f.read(n))
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
 def folder_tensor_sizes(folder: Path) -> dict[str, int]:
-    """Tensor name -> bytes at bf16 (2 bytes per element), read from safetensors headers only."""
+    """Tensor name -> bytes at 2 bytes per element, read from safetensors headers only."""
     sizes = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
         for name, meta in _safetensors_header(f).items():
             if name != "__metadata__":
                 sizes[name] = math.prod(meta["shape"]) * 2
     return sizes
-
-
-def transformer_size_from_folder(folder: Path) -> TransformerSize:
-    sizes = folder_tensor_sizes(folder)
-    per_block: dict[tuple[str, int], int] = {}
-    other = 0
-    for name, nbytes in sizes.items():
-        head = name.split(".")
-        if head[0] in ("transformer_blocks", "single_transformer_blocks") and len(head) > 1 and head[1].isdigit():
-            key = (head[0], int(head[1]))
-            per_block[key] = per_block.get(key, 0) + nbytes
-        else:
-            other += nbytes
-    order = sorted(per_block, key=lambda k: (k[0] != "transformer_blocks", k[1]))
-    hidden = 3072
-    config = Path(folder) / "config.json"
-    if config.is_file():
-        cfg = json.loads(config.read_text())
-        hidden = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
-    return TransformerSize(tuple(per_block[k] for k in order), other, hidden=hidden)
 
 
 def model_sizes_from_folder(root: Path, mode: str) -> ModelSizes:
@@ -276,7 +266,7 @@ def probe(path_for_disk: Path | str = ".") -> SystemFacts:
 def _transformer_ram(size: TransformerSize, storage: str) -> int:
     if storage == "disk":
         return 0  # memory-mapped fp8 file: page cache, not anonymous memory
-    return size.blocks_bytes(storage) + size.other
+    return size.blocks_bytes(storage) + size.other_bytes(storage)
 
 
 def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = "auto",
@@ -311,7 +301,7 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
     block = tsize.block_bytes(storage)
     # Upcasting an fp8 layer to bf16 briefly holds the largest layer twice (~1/6 of a block).
     upcast = int(max(tsize.blocks) / 6) if storage_gpu == "fp8" and tsize.blocks else 0
-    fixed = tsize.other + act + upcast + 64 * 1024**2  # + latents, embeddings, indices
+    fixed = tsize.other_bytes(storage) + act + upcast + 64 * 1024**2  # + latents, embeddings, indices
     n_blocks = len(tsize.blocks)
     if (fixed + tsize.blocks_bytes(storage)) * FRAGMENTATION <= vram_budget:
         resident = n_blocks
@@ -327,7 +317,7 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
 
     # Resident transformer blocks stay on the GPU between sections and between jobs (moving them would
     # cost a copy each time), so every later stage shares the card with them.
-    kept = tsize.other + resident * block
+    kept = tsize.other_bytes(storage) + resident * block
     text_budget = vram_budget - kept * FRAGMENTATION
 
     # Text stage: the 8B LLaMA on the GPU if it fits, else quantized, else streamed from disk.
@@ -342,7 +332,8 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
     else:
         # Memory-mapped from the safetensors files and streamed layer by layer: no anonymous RAM.
         text_mode, llama_gpu = "disk-fp16", int(llama / 32 * 2)  # two of 32 layers in flight
-        notes.append("the text encoder streams from disk layer by layer (bitsandbytes 4-bit needs ~6 GB free)")
+        notes.append("the text encoder streams layer by layer from its memory-mapped files (the GPU is left "
+                     "to the transformer; repeated prompts come from the prompt cache)")
     text_vram = int((kept + llama_gpu + sizes.text_encoder_2 + text_act) * FRAGMENTATION)
     # Loading passes at most one ~5 GB shard through RAM; the memory-mapped mode passes none.
     text_ram_llama = 0 if text_mode == "disk-fp16" else min(llama, int(5 * GB))

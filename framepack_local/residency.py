@@ -91,9 +91,7 @@ class ModelManager:
         if mode in ("gpu-int8", "gpu-int4") and self.cuda:
             return _load_llama_quantized(self.root, bits=8 if mode == "gpu-int8" else 4)
         if mode == "disk-fp16" and self.cuda:
-            from .loading import load_mmap_streamed  # memory-mapped, layer by layer to the GPU
-
-            return load_mmap_streamed(self.root / "text_encoder", "text_encoder", self.device, torch.float16)
+            return load_llama_streamed(self.root, self.device)
         dtype = torch.float16 if self.cuda else self.dtype
         return load_part(self.root, "text_encoder", device=self.device, dtype=dtype)
 
@@ -130,6 +128,20 @@ class ModelManager:
         self._llama = None
         self._transformer = None
         free_accelerator_memory()
+
+
+def load_llama_streamed(root: Path, device: torch.device):
+    """LLaMA weights stay in their memory-mapped safetensors files (file-backed, not anonymous RAM:
+    safetensors hands out views of the map when the dtype matches) and stream layer by layer to
+    `device`, the next layer's copy overlapping the current one's compute on CUDA."""
+    from diffusers.hooks import apply_group_offloading
+
+    model = load_part(root, "text_encoder", device="cpu", dtype=torch.float16 if device.type == "cuda"
+                      else torch.float32)
+    cuda = device.type == "cuda"
+    apply_group_offloading(model, onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                           use_stream=cuda, record_stream=cuda, low_cpu_mem_usage=cuda)
+    return model
 
 
 def _load_llama_quantized(root: Path, bits: int):

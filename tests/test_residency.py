@@ -59,3 +59,16 @@ def test_memory_does_not_grow_over_ten_jobs(tiny_model_dir, photo, tmp_path):
         rss.append(anon_rss_bytes())
     # RSS after job 10 within 5% of after job 2 (job 1 pays one-off allocations)
     assert rss[9] <= rss[1] * 1.05, [r // 2**20 for r in rss]
+
+
+def test_streamed_text_encoder_matches_the_plain_one(tiny_model_dir):
+    # The disk-fp16 mode (memory-mapped files, layer by layer to the device) computes the same thing.
+    from framepack_local.models import load_part
+    from framepack_local.residency import load_llama_streamed
+
+    plain = load_part(tiny_model_dir, "text_encoder")
+    streamed = load_llama_streamed(tiny_model_dir, torch.device("cpu"))
+    ids = torch.randint(0, 600, (1, 40), generator=torch.Generator().manual_seed(0))
+    a = plain(input_ids=ids, output_hidden_states=True).hidden_states[-3]
+    b = streamed(input_ids=ids, output_hidden_states=True).hidden_states[-3]
+    assert torch.equal(a, b)
