@@ -111,13 +111,9 @@ def drop_sections_after(job_dir: Path, done: int) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    import psutil  # os.kill(pid, 0) would terminate the process on Windows
+
+    return psutil.pid_exists(pid)
 
 
 def recover_interrupted(outputs: Path) -> list[Path]:

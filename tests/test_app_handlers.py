@@ -1,0 +1,455 @@
+"""The page's handlers in-process: form -> JobParams, one-sentence errors, progress HTML, history, reuse,
+polling, models panel and download, without a server or a browser."""
+
+import json
+import shutil
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gr = pytest.importorskip("gradio")
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # app.py lives at the repository root
+
+# gr.Warning outside a request falls back to warnings.warn; the sentences themselves are asserted below.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+import app  # noqa: E402
+from framepack_local.errors import InputError  # noqa: E402
+from framepack_local.events import JobFinished, JobStarted, SectionFinished, StageChanged, StepProgress  # noqa: E402
+from framepack_local.models import PARTS  # noqa: E402
+from framepack_local.params import JobParams  # noqa: E402
+from framepack_local.pipeline import JobResult  # noqa: E402
+from framepack_local.worker import QueuedJob, Worker, WorkerState, list_jobs  # noqa: E402
+
+
+def form(photo, **changes):
+    values = dict(image=str(photo), end_image=None, prompt="  waves roll in ", seconds=5, seed=31337.0, steps=25,
+                  distilled_cfg=10, mode="inverted", window=9, cfg=1, negative_prompt="", cfg_rescale=0,
+                  resolution=640, crf=16, memory_profile="auto", keep_free_gb=0)
+    values.update(changes)
+    return values
+
+
+def one_sentence(text: str) -> bool:
+    return "\n" not in text and "Traceback" not in text and text.rstrip().endswith(".") and len(text) < 400
+
+
+# ----- form -> JobParams ---------------------------------------------------------------------------------------
+
+
+def test_form_to_params(photo, tmp_path):
+    p = app.form_to_params(form(photo, seed=7.0, steps=12.0, memory_profile="fp8", keep_free_gb=3.5),
+                           tmp_path / "m", tmp_path / "o")
+    assert isinstance(p, JobParams)
+    assert p.image == str(photo) and p.prompt == "waves roll in" and p.end_image is None
+    assert p.seed == 7 and isinstance(p.seed, int) and p.steps == 12 and isinstance(p.steps, int)
+    assert p.models == str(tmp_path / "m") and p.outputs == str(tmp_path / "o")
+    assert (p.memory_profile, p.keep_free_gb) == ("fp8", 3.5)
+    assert p.window == 9 and p.resolution == 640 and p.crf == 16 and p.mode == "inverted"
+    q = app.form_to_params(form(photo, end_image=str(photo), keep_free_gb=None), tmp_path, tmp_path)
+    assert q.end_image == str(photo) and q.keep_free_gb == JobParams(image="x").keep_free_gb
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(image=None), "start photo"),
+    (dict(seed=None), "seed"),
+    (dict(seed=1.5), "seed"),
+    (dict(steps=0), "steps"),
+    (dict(steps="many"), "Steps"),
+    (dict(seconds=0.5), "between 1 and 120"),
+    (dict(seconds=float("nan")), "length"),
+    (dict(window=40), "window"),
+    (dict(mode="forward", end_image="end.png"), "end image"),
+    (dict(mode="sideways"), "Mode"),
+    (dict(keep_free_gb=-1), "keep free"),
+    (dict(memory_profile="huge"), "Memory profile"),
+    (dict(resolution=8), "resolution"),
+    (dict(cfg=0.5), "cfg"),
+])
+def test_bad_form_values_give_one_sentence(photo, tmp_path, changes, words):
+    with pytest.raises(InputError) as info:
+        app.form_to_params(form(photo, **changes), tmp_path, tmp_path)
+    assert words.lower() in str(info.value).lower()
+    assert one_sentence(str(info.value)), str(info.value)
+
+
+def test_length_line():
+    assert app.length_line(5, 9) == "145 frames = 4.8 s at 30 fps, made in 4 sections of 36 frames"
+    assert "1 section of 4 frames" in app.length_line(0.1, 1)
+    assert app.length_line(None, 9) == "Choose a length and a window size."
+    line = app.length_line(120, 9)
+    assert "100 sections" in line and "3601 frames" in line
+
+
+def test_params_to_form_round_trip(photo, tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    shutil.copy(photo, job_dir / "input.png")
+    p = app.form_to_params(form(photo, seed=99, steps=7, memory_profile="disk", keep_free_gb=2), tmp_path, tmp_path)
+    values = app.params_to_form(p.to_dict(), job_dir)
+    assert values["image"] == str(job_dir / "input.png") and values["end_image"] is None
+    again = app.form_to_params(values, tmp_path, tmp_path)
+    assert again.replace(image=p.image) == p
+
+
+# ----- progress HTML -----------------------------------------------------------------------------------------
+
+
+def state(**kw):
+    base = dict(status="running", status_text="Sampling section 2 of 5", key="job-1", job_id="20250101-000000-abcdef",
+                job_dir=Path("/x"), description="“waves”, 5 s, inverted, seed 1", stage="sampling", section=2,
+                sections=5, step=3, steps=10, sections_done=1, elapsed_s=83.0, eta_s=250.0,
+                preview_rgb=np.zeros((6, 8, 3), np.uint8), partial_video=None, final_video=None, error=None,
+                notices=(), queue=(), version=1)
+    base.update(kw)
+    return WorkerState(**base)
+
+
+def test_progress_html_running():
+    html = app.progress_html(state())
+    assert "Section 2 of 5" in html and "step 3 of 10" in html
+    assert "1:23 elapsed" in html and "about 4:10 left" in html
+    assert 'style="width:26.0%"' in html  # (1 section * 10 + 3) / 50 steps
+    assert "estimating time left" in app.progress_html(state(eta_s=None))
+    loading = app.progress_html(state(section=0, step=0, status_text="Loading models"))
+    assert "Loading models" in loading and "Section" not in loading
+    assert "Stopping after the current step" in app.progress_html(state(status="stopping"))
+
+
+def test_progress_html_end_states_and_escaping():
+    assert "No job is running" in app.progress_html(None)
+    assert "No job is running" in app.progress_html(state(status="idle"))
+    done = app.progress_html(state(status="done", sections_done=5, elapsed_s=3725))
+    assert "Done" in done and "1:02:05" in done and "width:100%" in done
+    stopped = app.progress_html(state(status="stopped", sections_done=2))
+    assert "Stopped" in stopped and "after 2 of 5 sections" in stopped
+    failed = app.progress_html(state(status="failed", error="The photo <b>x</b> is broken; choose another."))
+    assert "Failed" in failed and "&lt;b&gt;x&lt;/b&gt;" in failed and "<b>x</b>" not in failed
+    notice = app.progress_html(state(notices=("The prompt is longer than the text encoder takes.",)))
+    assert "longer than the text encoder" in notice
+
+
+def test_queue_html_and_choices():
+    empty = state()
+    assert "queue is empty" in app.queue_html(empty)
+    s = state(queue=(QueuedJob("job-2", "new", "“a <cat>”, 5 s"), QueuedJob("job-3", "resume", "Resume x")))
+    table = app.queue_html(s)
+    assert table.count("<tr>") == 3 and "job-2" in table and "&lt;cat&gt;" in table
+    assert app.queue_choices(s) == [("#1 “a <cat>”, 5 s", "job-2"), ("#2 Resume x", "job-3")]
+
+
+def test_preview_html_is_an_inline_png():
+    import base64
+    import io
+
+    from PIL import Image
+
+    rgb = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    html = app.preview_html(rgb, "section 1 <of> 2")
+    data = html.split("data:image/png;base64,")[1].split('"')[0]
+    back = np.array(Image.open(io.BytesIO(base64.b64decode(data))))
+    assert (back == rgb).all() and "section 1 &lt;of&gt; 2" in html
+    assert "<img" not in app.preview_html(None)
+
+
+# ----- the page with a fake engine -------------------------------------------------------------------------------
+
+
+class GatedEngine:
+    """Writes a real-looking job folder, emits events, and waits at a gate so tests can look mid-job."""
+
+    def __init__(self, photo):
+        self.photo = photo
+        self.gate = threading.Event()
+        self.calls = []
+
+    def generate(self, params, on_event=None, cancel=None):
+        self.calls.append(params)
+        outputs = Path(params.outputs)
+        job_id = f"20250101-00000{len(self.calls)}-abcdef"
+        job_dir = outputs / job_id
+        job_dir.mkdir(parents=True)
+        shutil.copy(self.photo, job_dir / "input.png")
+        record = {"job_id": job_id, "status": "running", "params": params.to_dict(), "sections": 2,
+                  "sections_done": 0, "created": f"2025-01-01T00:00:0{len(self.calls)}+0000"}
+        (job_dir / "job.json").write_text(json.dumps(record))
+        on_event(JobStarted(job_id, job_dir, 2, 2, 17, 64, 64))
+        on_event(StageChanged("sampling", "Sampling section 1 of 2"))
+        on_event(StepProgress(1, 2, 1, 2, 0.1, np.full((4, 6, 3), 200, np.uint8)))
+        (job_dir / "partial.mp4").write_bytes(b"not really an mp4")
+        on_event(SectionFinished(1, 2, job_dir / "partial.mp4", 9, 0.2))
+        self.gate.wait(10)
+        status = "stopped" if cancel.cancelled else "done"
+        video = job_dir / ("partial.mp4" if status == "stopped" else "video.mp4")
+        if status == "done":
+            video.write_bytes(b"final")
+            (job_dir / "partial.mp4").unlink()
+        record.update(status=status, sections_done=1 if status == "stopped" else 2)
+        (job_dir / "job.json").write_text(json.dumps(record))
+        on_event(JobFinished(status, job_dir, video, 0.3))
+        return JobResult(status, job_id, job_dir, video)
+
+
+@pytest.fixture
+def page(tiny_model_dir, photo, tmp_path):
+    engine = GatedEngine(photo)
+    worker = Worker(engine)
+    p = app.Page(worker, tiny_model_dir, tmp_path / "outputs")
+    p.engine = engine
+    yield p
+    engine.gate.set()
+    worker.shutdown()
+
+
+def start(page, photo, **changes):
+    values = form(photo, **{**dict(resolution=64, steps=2, window=1, seconds=1), **changes})
+    return page.start(*[values[name] for name in app.FORM_FIELDS])
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_start_stop_queue_and_poll(page, photo):
+    message, key = start(page, photo, prompt="first")
+    assert message == f"Started {key}." and key
+    wait_for(lambda: page.worker.snapshot().sections_done == 1)
+    message2, key2 = start(page, photo, prompt="second")
+    assert key2 and key2 != key and "Queued" in message2 and "number 1" in message2
+
+    out = dict(zip(app.POLL_OUTPUTS, page.poll({})))
+    assert "Section 1 of 2" in out["progress"] and "step 1 of 2" in out["progress"]
+    assert "data:image/png;base64," in out["preview"] and "section 1 of 2, step 1 of 2" in out["preview"]
+    assert out["partial_video"].endswith("partial.mp4") and out["final_video"] is None
+    assert key2 in out["queue_table"] and out["queue_pick"]["choices"] == [("#1 “second”, 1 s, inverted, seed 31337", key2)]
+    assert out["stop_btn"]["interactive"] is True
+    assert out["history_ids"] == ["20250101-000001-abcdef"]
+    shown = out["shown"]
+
+    # nothing changed: the next poll sends (almost) nothing
+    again = dict(zip(app.POLL_OUTPUTS, page.poll(shown)))
+    skipped = [name for name in app.POLL_OUTPUTS if again[name] == gr.skip()]
+    assert set(skipped) >= {"preview", "partial_video", "final_video", "queue_table", "queue_pick", "stop_btn",
+                            "gallery", "history_pick", "history_ids", "download_html"}
+
+    assert page.remove_queued(key2) == f"Removed {key2} from the queue."
+    assert "no longer in the queue" in page.remove_queued(key2)
+    assert page.remove_queued(None) == "Choose a queued job to remove first."
+    assert page.stop() == "Stopping after the current step; the finished sections are kept."
+    page.engine.gate.set()
+    assert page.worker.wait(key, 10).status == "stopped"
+    assert page.stop() == "Nothing is running."
+    out = dict(zip(app.POLL_OUTPUTS, page.poll(again["shown"])))
+    assert "Stopped" in out["progress"] and out["stop_btn"]["interactive"] is False
+    assert "queue is empty" in out["queue_table"]
+    assert len(page.engine.calls) == 1
+
+
+def test_start_refuses_bad_input_with_one_sentence(page, photo, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    for changes, words in [(dict(image=None), "start photo"), (dict(image=str(broken)), "broken.png"),
+                           (dict(image=str(tmp_path / "missing.png")), "missing.png"), (dict(steps=0), "steps")]:
+        message, key = start(page, photo, **changes)
+        assert key == "" and message.startswith("⚠️ ") and words in message
+        assert one_sentence(message[3:]), message
+    page.models_dir = tmp_path / "no-models"
+    message, key = start(page, photo)
+    assert key == "" and "no-models" in message and "download" in message
+    assert page.engine.calls == []
+
+
+def test_history_reuse_and_resume(page, photo):
+    _, key = start(page, photo, prompt="a boat <on> the lake", seed=4242, steps=3)
+    page.engine.gate.set()
+    assert page.worker.wait(key, 10).status == "done"
+    items, pick, ids = page.history()
+    job_id = ids[0]
+    assert len(items) == 1 and items[0][0].endswith("input.png")
+    assert "a boat <on> the lake · 1 s" in items[0][1] and "done" in items[0][1]
+    assert pick["choices"] == [(items[0][1], job_id)]
+
+    details, video, resume_btn, reuse_btn = page.select_history(job_id)
+    assert "a boat &lt;on&gt; the lake" in details and "**done**" in details
+    assert video.endswith("video.mp4") and resume_btn["interactive"] is False and reuse_btn["interactive"] is True
+
+    values = page.reuse(job_id)
+    filled = dict(zip(app.FORM_FIELDS, values[:-1]))
+    assert values[-1] == f"Settings of {job_id} are in the form."
+    assert filled["prompt"] == "a boat <on> the lake" and filled["seed"] == 4242 and filled["steps"] == 3
+    assert filled["image"].endswith(f"{job_id}/input.png") and filled["resolution"] == 64
+
+    # a stopped job offers Resume; the worker queues a resume through the engine
+    record_path = page.outputs_dir / job_id / "job.json"
+    record = json.loads(record_path.read_text())
+    record["status"] = "stopped"
+    record_path.write_text(json.dumps(record))
+    _, _, resume_btn, _ = page.select_history(job_id)
+    assert resume_btn["interactive"] is True
+    assert "cannot resume" in page.resume(job_id)  # this fake engine has no resume()
+
+    for bad in ("../outside", "nope", None):
+        assert page.resume(bad).startswith("⚠️")
+        assert page.reuse(bad)[-1].startswith("⚠️")
+    assert page.select_history("nope")[0] == "Select a past job to see it here."
+
+
+def test_gallery_select_maps_index_to_job(page):
+    evt = gr.SelectData(None, {"index": 1, "value": None})
+    assert page.gallery_select(["a", "b"], evt) == "b"
+    assert page.gallery_select(["a"], evt) == gr.skip()
+
+
+def test_status_api(page, photo):
+    _, key = start(page, photo)
+    wait_for(lambda: page.worker.snapshot().sections_done == 1)
+    s = page.status()
+    assert s["status"] == "running" and s["key"] == key and s["sections"] == 2 and s["partial_video"].endswith(".mp4")
+    json.dumps(s)  # plain data for API clients
+    page.engine.gate.set()
+    page.worker.wait(key, 10)
+    s = page.status()
+    assert s["recent"][0] == {"key": key, "status": "done", "job_id": s["job_id"], "error": None}
+
+
+# ----- models panel and download ----------------------------------------------------------------------------------
+
+
+class FolderHub:
+    """Serves a local model folder as if it were the hub repositories (offline download test)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _files(self, repo_id):
+        files = {}
+        for spec in PARTS.values():
+            if spec.repo_id != repo_id:
+                continue
+            for f in (self.root / spec.subfolder).iterdir():
+                repo_path = f"{spec.repo_subfolder}/{f.name}" if spec.repo_subfolder else f.name
+                files[repo_path] = f
+        return files
+
+    def list_files(self, repo_id):
+        return "rev", {path: f.stat().st_size for path, f in self._files(repo_id).items()}
+
+    def fetch(self, repo_id, revision, repo_path, staging_dir, tqdm_class):
+        source = self._files(repo_id)[repo_path]
+        bar = tqdm_class(total=source.stat().st_size, initial=0, desc=repo_path)
+        target = Path(staging_dir) / repo_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        bar.update(source.stat().st_size)
+        bar.close()
+        return target
+
+
+def test_models_panel_download_and_folder(tiny_model_dir, tmp_path):
+    empty = tmp_path / "models"
+    complete, text = app.models_report(empty)
+    assert not complete and "does not exist" in text and "transformer (25.7 GB)" in text and "GB**" in text
+    assert app.models_report(tiny_model_dir) == (True, f"Models: `{tiny_model_dir}` is complete.")
+
+    downloads = app.DownloadManager(hub=FolderHub(tiny_model_dir))
+    page = app.Page(Worker(engine=object()), empty, tmp_path / "out", downloads=downloads)
+    assert page.models_panel()[1]["visible"] is True
+    message, box = page.start_download("inverted")
+    assert message == "Download started." and "Starting" in box
+    downloads.wait(60)
+    progress, running, error, finished, _ = downloads.snapshot()
+    assert error is None and finished and not running and progress.fraction == 1.0
+    assert app.models_report(empty)[0]
+    out = dict(zip(app.POLL_OUTPUTS, page.poll({})))
+    assert "Download finished" in out["download_html"] and out["models_group"]["visible"] is False
+
+    html = app.download_html(replace(progress, bytes_done=3_200_000_000, bytes_total=42_000_000_000, finished=False,
+                                      bytes_per_second=45e6, eta_seconds=862.0, current_file="vae/x.safetensors"),
+                             True, None, False)
+    assert "3.2 GB of 42.0 GB · 45 MB/s · about 14:22 left" in html and "vae/x.safetensors" in html
+
+    class Offline:
+        def list_files(self, repo_id):
+            raise ConnectionError("no route to host")
+
+    failing = app.Page(Worker(engine=object()), tmp_path / "m2", tmp_path / "out",
+                       downloads=app.DownloadManager(hub=Offline()))
+    failing.start_download("inverted")
+    failing.downloads.wait(30)
+    _, _, error, finished, _ = failing.downloads.snapshot()
+    assert not finished and one_sentence(error) and ("huggingface" in error.lower() or "hub" in error.lower()), error
+    assert "fpl-error" in dict(zip(app.POLL_OUTPUTS, failing.poll({})))["download_html"]
+
+    message, _, _ = failing.use_models_folder(str(tmp_path / "nothing"))
+    assert message.startswith("⚠️") and "not a complete model folder" in message
+    message, text, group = failing.use_models_folder(str(tiny_model_dir))
+    assert message == f"Using the models in {tiny_model_dir}." and failing.models_dir == tiny_model_dir
+    assert group["visible"] is False
+    assert failing.use_models_folder("  ")[0].startswith("⚠️")
+
+
+def test_system_html(tiny_model_dir, tmp_path):
+    html = app.system_html(tiny_model_dir, tmp_path / "not-yet")
+    assert "GPU" in html and "RAM" in html and "Disk (outputs)" in html and "free" in html
+    assert "Memory plan" in html  # the planner's table for a default job
+    assert "Memory plan" not in app.system_html(tmp_path / "no-models", tmp_path)
+
+
+def test_header_banners():
+    assert "demo_banner" not in app.header_html(False, False)
+    assert "noise" in app.header_html(True, False) and "open to your network" in app.header_html(False, True)
+
+
+# ----- building the page and the command line -----------------------------------------------------------------------
+
+
+def test_build_app_has_stable_api_names(tiny_model_dir, tmp_path):
+    blocks = app.build_app(Worker(engine=object()), tiny_model_dir, tmp_path, demo=True)
+    names = {fn.api_name for fn in blocks.fns.values() if fn.api_name}
+    assert {"start", "stop", "poll", "remove_queued", "history", "history_select", "reuse", "resume",
+            "download_models", "set_models_folder", "status", "system"} <= names
+    assert isinstance(blocks.page, app.Page) and blocks.page.demo
+
+
+def test_command_line_defaults_are_local_only(tmp_path):
+    args = app.parse_args([])
+    assert (args.port, args.listen, args.demo, args.no_browser, args.models) == (7860, False, False, False, None)
+    kw = app.launch_kwargs(args, tmp_path / "models", tmp_path / "outputs")
+    assert kw["server_name"] == "127.0.0.1" and kw["inbrowser"] is True
+    assert kw["allowed_paths"] == [str(tmp_path / "outputs")] and kw["max_file_size"] == app.MAX_UPLOAD
+    assert kw["show_error"] is False and kw["css"] and kw["theme"] is not None
+    args = app.parse_args(["--listen", "--no-browser", "--port", "9000", "--demo", "--models", "m", "--outputs", "o"])
+    kw = app.launch_kwargs(args, tmp_path, tmp_path)
+    assert (kw["server_name"], kw["server_port"], kw["inbrowser"]) == ("0.0.0.0", 9000, False)
+
+
+def test_list_jobs_newest_first_through_page(page, photo):
+    keys = []
+    for prompt in ("one", "two"):
+        _, key = start(page, photo, prompt=prompt)
+        page.engine.gate.set()
+        page.worker.wait(key, 10)
+        page.engine.gate.clear()
+        keys.append(key)
+    assert [j.prompt for j in list_jobs(page.outputs_dir)] == ["two", "one"]
+
+
+def test_demo_builds_a_tiny_model_once(tmp_path):
+    args = app.parse_args(["--demo", "--models", str(tmp_path / "demo")])
+    models = app.resolve_models(args)
+    assert models == (tmp_path / "demo").resolve() and app.models_report(models)[0]
+    stamp = (models / "source.json").stat().st_mtime_ns
+    assert app.resolve_models(args) == models and (models / "source.json").stat().st_mtime_ns == stamp
+    assert app.resolve_models(app.parse_args([])) == app.DEFAULT_MODELS

@@ -1,0 +1,146 @@
+"""The page in a real browser (Debian chromium through playwright) against app.py in a subprocess.
+
+Upload a photo, Start, see the latent preview and a playable <video>, close the tab mid-job and
+open a new one (the job is still running and shown), Stop, keep the video so far. A screenshot of
+the running page goes to test-artifacts/running-page.png.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from appserver import REPO, running_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = REPO / "test-artifacts"
+TIMEOUT_MS = 120_000
+
+if not CHROMIUM.exists():
+    pytest.skip("needs Debian chromium at /usr/bin/chromium (apt-get install chromium); .ci/run installs it",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package "
+                                                            "(pip install -r requirements-test.txt)")
+pytest.importorskip("gradio")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("browser-app")
+    with running_app(tiny_model_dir, base / "outputs", base) as srv:
+        yield srv
+        assert srv.alive(), srv.log_tail()
+        assert "Traceback" not in srv.log_tail(100_000), srv.log_tail()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def context(browser):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1100})
+    ctx.set_default_timeout(TIMEOUT_MS)
+    yield ctx
+    ctx.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")  # commit the value (the slider follows)
+
+
+def open_page(context, url):
+    page = context.new_page()
+    page.goto(url)
+    page.locator("#start_btn").wait_for(state="visible")
+    return page
+
+
+def video_duration(page, elem_id: str) -> float:
+    """Wait until the <video> of a component has loaded its metadata; return its duration in seconds."""
+    page.wait_for_function(
+        """id => { const v = document.querySelector('#' + id + ' video');
+                   return v && v.readyState >= 1 && v.duration > 0; }""",
+        arg=elem_id, timeout=TIMEOUT_MS)
+    return page.locator(f"#{elem_id} video").evaluate("v => v.duration")
+
+
+def test_start_preview_video_reopen_and_stop(server, context, photo):
+    page = open_page(context, server.url)
+    assert page.title() == "FramePack Local"
+    assert page.locator("#models_panel").count() == 0 or not page.locator("#models_panel").is_visible()
+
+    page.locator("#start_image input[type=file]").set_input_files(str(photo))
+    page.locator("#start_image img").first.wait_for(state="visible")
+    page.locator("#prompt textarea").fill("a boat drifts across the lake")
+    set_number(page, "seconds", 20)  # 150 sections of window 1: long enough to look at, stopped below
+    set_number(page, "steps", 4)
+    page.locator("#advanced .label-wrap").click()
+    page.locator("#resolution").wait_for(state="visible")
+    set_number(page, "resolution", 64)
+    set_number(page, "window", 1)
+    page.wait_for_function("() => document.querySelector('#length_line').innerText.includes('150 sections')")
+
+    page.locator("#start_btn").click()
+    page.wait_for_function("() => document.querySelector('#message').innerText.includes('Started')")
+    # a latent preview appears during sampling, then a playable video of the first section(s)
+    page.locator("#preview img").first.wait_for(state="visible")
+    assert video_duration(page, "partial_video") > 0
+    page.wait_for_function("() => document.querySelector('#progress').innerText.includes('Section')")
+    progress = page.locator("#progress").inner_text()
+    assert "step" in progress and "elapsed" in progress
+    assert page.locator("#stop_btn").is_enabled()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "running-page.png"), full_page=True)
+    job = page.locator("#progress .fpl-progress").get_attribute("data-job")
+    assert job
+
+    # closing the tab stops nothing: a new tab shows the same running job, with progress and video
+    page.close()
+    page = open_page(context, server.url)
+    page.wait_for_function(
+        """job => { const p = document.querySelector('#progress .fpl-progress');
+                    return p && p.dataset.job === job && p.dataset.status === 'running'
+                           && p.innerText.includes('Section'); }""", arg=job)
+    page.locator("#preview img").first.wait_for(state="visible")
+    assert video_duration(page, "partial_video") > 0
+    # the new tab's progress keeps moving
+    first = page.locator("#progress").inner_text()
+    page.wait_for_function("t => document.querySelector('#progress').innerText !== t", arg=first)
+
+    page.locator("#stop_btn").click()
+    page.wait_for_function(
+        "() => { const p = document.querySelector('#progress .fpl-progress'); return p && p.dataset.status === 'stopped'; }")
+    assert "the video so far is kept" in page.locator("#progress").inner_text()
+    assert video_duration(page, "partial_video") > 0
+    page.wait_for_function("() => document.querySelector('#stop_btn').disabled")
+    # the stopped job is in the history and can be resumed
+    page.wait_for_function("() => document.querySelectorAll('#history_gallery img').length >= 1")
+    page.locator("#history_gallery img").first.click()
+    page.wait_for_function("() => document.querySelector('#history_details').innerText.includes('stopped')")
+    page.wait_for_function("() => !document.querySelector('#resume_btn').disabled")
+    assert page.locator(".toast-body.error").count() == 0
+    assert (server.outputs / job / "partial.mp4").is_file()
+
+
+def test_too_large_upload_is_refused_with_a_sentence(server, context, tmp_path):
+    page = open_page(context, server.url)
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as f:
+        f.truncate(51 * 1024 * 1024)
+    page.locator("#start_image input[type=file]").set_input_files(str(big))
+    toast = page.locator(".toast-body").first
+    toast.wait_for(state="visible")
+    text = toast.inner_text()
+    assert "50" in text and ("size" in text.lower() or "large" in text.lower()), text
+    assert page.locator("#start_image img").count() == 0
+    assert server.alive()
