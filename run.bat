@@ -20,10 +20,9 @@ nvidia-smi -L >nul 2>nul && if "%TORCH_INDEX%"=="" set TORCH_INDEX=https://downl
 set WANT_TESTS=0
 if /i "%~1"=="test" set WANT_TESTS=1
 
-rem Reinstall only when the requirements or the torch choice changed.
+rem Reinstall only when the requirements or the torch choice changed (one stamp per requirements set).
 set STAMP_SRC=.venv\fpl-stamp-src.txt
-(echo torch=%FPL_TORCH_VERSION% index=%TORCH_INDEX% tests=%WANT_TESTS% & type requirements.txt) > %STAMP_SRC%
-if "%WANT_TESTS%"=="1" type requirements-test.txt >> %STAMP_SRC%
+(echo torch=%FPL_TORCH_VERSION% index=%TORCH_INDEX% & type requirements.txt) > %STAMP_SRC%
 if not "%TORCH_INDEX%"=="" type requirements-cuda.txt >> %STAMP_SRC%
 fc /b %STAMP_SRC% .venv\fpl-stamp.txt >nul 2>nul
 if errorlevel 1 (
@@ -32,22 +31,32 @@ if errorlevel 1 (
     %VPY% -m pip install -q torch==%FPL_TORCH_VERSION% || exit /b 2
   ) else (
     %VPY% -m pip install -q torch==%FPL_TORCH_VERSION% --index-url %TORCH_INDEX% || exit /b 2
+    %VPY% -m pip install -q -r requirements-cuda.txt || exit /b 2
   )
   %VPY% -m pip install -q -r requirements.txt || exit /b 2
-  if not "%TORCH_INDEX%"=="" %VPY% -m pip install -q -r requirements-cuda.txt || exit /b 2
-  if "%WANT_TESTS%"=="1" %VPY% -m pip install -q -r requirements-test.txt || exit /b 2
   copy /y %STAMP_SRC% .venv\fpl-stamp.txt >nul
+)
+if "%WANT_TESTS%"=="1" (
+  fc /b requirements-test.txt .venv\fpl-stamp-test.txt >nul 2>nul
+  if errorlevel 1 (
+    %VPY% -m pip install -q -r requirements-test.txt || exit /b 2
+    copy /y requirements-test.txt .venv\fpl-stamp-test.txt >nul
+  )
 )
 
 set GRADIO_ANALYTICS_ENABLED=False
-if /i "%~1"=="test" (
-  shift
-  %VPY% -m pytest -q %1 %2 %3 %4 %5 %6 %7 %8 %9
-  exit /b !errorlevel!
-)
-if /i "%~1"=="cli" (
-  shift
-  %VPY% -m framepack_local %1 %2 %3 %4 %5 %6 %7 %8 %9
-  exit /b !errorlevel!
-)
+rem goto keeps `shift` effective: inside a ( ) block %1 would be expanded before the shift.
+if /i "%~1"=="test" goto :test
+if /i "%~1"=="cli" goto :cli
 %VPY% app.py %*
+exit /b %errorlevel%
+
+:test
+shift
+%VPY% -m pytest -q %1 %2 %3 %4 %5 %6 %7 %8 %9
+exit /b %errorlevel%
+
+:cli
+shift
+%VPY% -m framepack_local %1 %2 %3 %4 %5 %6 %7 %8 %9
+exit /b %errorlevel%

@@ -29,21 +29,27 @@ fi
 [ -x "$VENV/bin/python" ] || { echo "Creating $VENV ..."; "$PY" -m venv "$VENV"; }
 VPY="$VENV/bin/python"
 
-stamp_input="torch=$TORCH_VERSION index=$torch_index tests=$want_tests $(cat requirements.txt)"
-[ -n "$torch_index" ] && stamp_input="$stamp_input $(cat requirements-cuda.txt)"
-[ $want_tests = 1 ] && stamp_input="$stamp_input $(cat requirements-test.txt)"
-stamp=$(printf '%s' "$stamp_input" | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$VENV/.fpl-stamp" 2>/dev/null)" != "$stamp" ]; then
+# One stamp per set of requirements: nothing is installed again unless its file (or the torch choice) changed.
+stamp_of() { printf '%s' "$*" | sha256sum | cut -d' ' -f1; }
+base_stamp=$(stamp_of "torch=$TORCH_VERSION index=$torch_index" "$(cat requirements.txt)" \
+  "$([ -n "$torch_index" ] && cat requirements-cuda.txt)")
+if [ "$(cat "$VENV/.fpl-stamp" 2>/dev/null)" != "$base_stamp" ]; then
   echo "Installing packages into $VENV (first run or requirements changed) ..."
   if [ -n "$torch_index" ]; then
     "$VPY" -m pip install -q "torch==$TORCH_VERSION" --index-url "$torch_index"
+    "$VPY" -m pip install -q -r requirements-cuda.txt
   else
     "$VPY" -m pip install -q "torch==$TORCH_VERSION"
   fi
   "$VPY" -m pip install -q -r requirements.txt
-  [ -n "$torch_index" ] && "$VPY" -m pip install -q -r requirements-cuda.txt
-  [ $want_tests = 1 ] && "$VPY" -m pip install -q -r requirements-test.txt
-  echo "$stamp" > "$VENV/.fpl-stamp"
+  echo "$base_stamp" > "$VENV/.fpl-stamp"
+fi
+if [ $want_tests = 1 ]; then
+  test_stamp=$(stamp_of "$(cat requirements-test.txt)")
+  if [ "$(cat "$VENV/.fpl-stamp-test" 2>/dev/null)" != "$test_stamp" ]; then
+    "$VPY" -m pip install -q -r requirements-test.txt
+    echo "$test_stamp" > "$VENV/.fpl-stamp-test"
+  fi
 fi
 
 export GRADIO_ANALYTICS_ENABLED=False
