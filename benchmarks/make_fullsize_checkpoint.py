@@ -23,16 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from framepack_local.models import FRAMEPACK_TRANSFORMER_CONFIG  # noqa: E402
+
 logger = logging.getLogger("make_fullsize_checkpoint")
 
-# lllyasviel/FramePackI2V_HY transformer/config.json (diffusers format).
-FULL_CONFIG = dict(
-    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
-    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
-    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
-    rope_axes_dim=[16, 56, 56], image_condition_type=None, has_image_proj=True, image_proj_dim=1152,
-    has_clean_x_embedder=True,
-)
+FULL_CONFIG = FRAMEPACK_TRANSFORMER_CONFIG  # lllyasviel/FramePackI2V_HY transformer/config.json
 SHARD_BYTES = 5_000_000_000
 MIN_FREE = 60e9
 # An fp8 copy is ~0.65 of the bf16 size; keep a few GB for everyone else on the disk.

@@ -29,6 +29,16 @@ FORWARD_REPO = "lllyasviel/FramePack_F1_I2V_HY_20250503"
 DOWNLOAD_COMMAND = "python -m framepack_local download --models {root}"
 TINY_COMMAND = "python -m framepack_local make-tiny-model {root}"
 
+# The published transformer config of both FramePack checkpoints (diffusers format): 13B parameters,
+# 20 dual-stream + 40 single-stream blocks. Lets the memory plan be made before anything is downloaded.
+FRAMEPACK_TRANSFORMER_CONFIG = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+    rope_axes_dim=[16, 56, 56], image_condition_type=None, has_image_proj=True, image_proj_dim=1152,
+    has_clean_x_embedder=True,
+)
+
 # Sampling mode -> the transformer part it needs (DESIGN.md section 3: inverted anti-drift uses
 # FramePackI2V_HY, forward uses the F1 checkpoint).
 MODE_PARTS: dict[str, str] = {"inverted": "transformer", "forward": "transformer_f1"}

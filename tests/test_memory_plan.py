@@ -5,16 +5,11 @@ import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 
 from framepack_local import memory as m
+from framepack_local.models import FRAMEPACK_TRANSFORMER_CONFIG
 from framepack_local.schedule import find_bucket
 
 GB = m.GB
-REAL_CONFIG = dict(
-    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
-    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
-    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
-    rope_axes_dim=(16, 56, 56), image_condition_type=None, has_image_proj=True, image_proj_dim=1152,
-    has_clean_x_embedder=True,
-)
+REAL_CONFIG = FRAMEPACK_TRANSFORMER_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -226,11 +226,8 @@ def test_unload_frees_everything(folder, tmp_path):
 
 
 def test_block_bytes_of_the_real_config_on_meta():
-    real = dict(num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40,
-                num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
-                guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
-                rope_axes_dim=(16, 56, 56), image_condition_type=None, has_image_proj=True, image_proj_dim=1152,
-                has_clean_x_embedder=True, in_channels=16, out_channels=16)
+    from framepack_local.models import FRAMEPACK_TRANSFORMER_CONFIG as real
+
     bf16 = loading.transformer_block_bytes(real, "bf16")
     fp8 = loading.transformer_block_bytes(real, "fp8")
     assert fp8 == loading.transformer_block_bytes(real, "disk")
