@@ -211,7 +211,10 @@ def child(args) -> dict:
     base_anon = loading.anon_rss_bytes()
     with loading.PeakSampler(total=True) as peak:
         t0 = time.perf_counter()
-        model = loading.load_transformer(folder, args.storage, compute, cache_dir=args.cache_dir)
+        # "fp8-mapped": fp8 as the GPU path loads it, the uncast bf16 tensors left on file pages.
+        storage = "fp8" if args.storage == "fp8-mapped" else args.storage
+        model = loading.load_transformer(folder, storage, compute, cache_dir=args.cache_dir,
+                                         keep_mapped=args.storage == "fp8-mapped")
         row["load_s"] = time.perf_counter() - t0
     row.update(base_anon=base_anon, load_peak_anon=peak.peak, load_peak_rss=peak.peak_rss)
     row["model_bytes"] = sum(t.numel() * t.dtype.itemsize for t in model.parameters())

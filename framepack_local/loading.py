@@ -559,11 +559,16 @@ def _finish(model):
     return model
 
 
-def load_transformer(folder: Path, storage: str, compute_dtype: torch.dtype, cache_dir: Path | None = None):
+def load_transformer(folder: Path, storage: str, compute_dtype: torch.dtype, cache_dir: Path | None = None,
+                     *, keep_mapped: bool = False):
     """Load a HunyuanVideoFramepackTransformer3DModel from ``folder`` in ``storage`` (see STORAGES).
 
     Weights end up on the CPU (streaming to a GPU is ``apply_streaming``'s job). ``cache_dir`` is
     where "disk" keeps its fp8 copy; by default ``<models>/.cache`` next to the transformer folder.
+    ``keep_mapped`` (for "fp8" when computing on a GPU): tensors that need no cast (the modulation
+    linears, norms and embedders kept in bf16, about 7 GB) stay zero-copy views of the checkpoint's
+    file map: page cache the kernel can drop and re-read, not anonymous RAM. Only the fp8 weights are
+    owned. CPU compute keeps them owned and aligned, which bit-equality with "disk" relies on.
     Broken or missing files raise ModelFolderError.
     """
     folder = Path(folder)
@@ -581,8 +586,10 @@ def load_transformer(folder: Path, storage: str, compute_dtype: torch.dtype, cac
     else:
         for name, tensor in _read_converted(folder, sources, targets):
             # "bf16" keeps safetensors' tensors exactly as diffusers' from_pretrained does (zero-copy views
-            # of the shard's map where no cast is needed); "fp8" owns every byte (see _owned).
-            _assign(model, name, tensor if storage == "bf16" else _owned(tensor))
+            # of the shard's map where no cast is needed); "fp8" owns every byte (see _owned) unless
+            # keep_mapped lets the uncast ones stay views.
+            uncast = tensor.dtype == sources[name][1].dtype
+            _assign(model, name, tensor if storage == "bf16" or (keep_mapped and uncast) else _owned(tensor))
     _finish(model)
     logger.info("Loaded %s as %s (compute %s) in %.1f s", folder, storage, compute_dtype, time.perf_counter() - started)
     return model

@@ -263,9 +263,15 @@ def probe(path_for_disk: Path | str = ".") -> SystemFacts:
 # ---- the plan (pure)
 
 
-def _transformer_ram(size: TransformerSize, storage: str) -> int:
+def _transformer_ram(size: TransformerSize, storage: str, mapped: bool = False) -> int:
+    """Anonymous RAM the transformer holds. `mapped` (GPU compute): fp8 keeps its uncast bf16 tensors
+    as views of the checkpoint's file map (loading.load_transformer keep_mapped), so only the fp8
+    weights are owned: with C the bf16 bytes of the cast tensors, bf16 total - fp8 total = C/2."""
     if storage == "disk":
         return 0  # memory-mapped fp8 file: page cache, not anonymous memory
+    fp8_total = size.blocks_bytes("fp8") + size.other_bytes("fp8")
+    if storage == "fp8" and mapped:
+        return size.total - fp8_total
     return size.blocks_bytes(storage) + size.other_bytes(storage)
 
 
@@ -285,7 +291,7 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
         storage = profile
     elif _transformer_ram(tsize, "bf16") <= ram_budget * 0.9:
         storage = "bf16"
-    elif _transformer_ram(tsize, "fp8") <= ram_budget * 0.9:
+    elif _transformer_ram(tsize, "fp8", mapped=facts.cuda) <= ram_budget * 0.9:
         storage = "fp8"
         notes.append("fp8 weight storage: the bf16 transformer does not fit in free RAM")
     else:
@@ -349,7 +355,7 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
     # is (8w+1) frames of float32 RGB, briefly.
     decode_ram_frames = pixel_frames * 3 * 4
 
-    t_ram = _transformer_ram(tsize, storage)
+    t_ram = _transformer_ram(tsize, storage, mapped=True)
     pinned = 2 * block  # low_cpu_mem_usage pins only the blocks in flight
     base = PROCESS_RAM_BYTES + small_ram
     stages = (

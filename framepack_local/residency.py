@@ -104,7 +104,9 @@ class ModelManager:
         from .loading import apply_streaming, load_transformer
 
         folder = self.root / ("transformer" if self.mode == "inverted" else "transformer_f1")
-        model = load_transformer(folder, self.plan.transformer_storage, self.dtype, cache_dir=self.root / ".cache")
+        # On a GPU the uncast bf16 tensors may stay file-backed: they are copied to the card anyway.
+        model = load_transformer(folder, self.plan.transformer_storage, self.dtype, cache_dir=self.root / ".cache",
+                                 keep_mapped=self.cuda)
         if self.cuda:
             if self.plan.streamed_blocks == 0:
                 model.to(self.device)

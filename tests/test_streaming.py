@@ -324,3 +324,20 @@ def test_disk_load_maps_instead_of_copying(mid_folder, tmp_path):
     assert torch.isfinite(out.float()).all()
     _trim_heap()
     assert loading.anon_rss_bytes() - before < 0.25 * bf16_size
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RssAnon is Linux only")
+def test_fp8_keep_mapped_owns_only_the_fp8_weights(mid_folder):
+    # For GPU compute: the uncast bf16 tensors stay views of the checkpoint's file map (page cache).
+    bf16_size = _bf16_bytes(mid_folder)
+    fp8_total = (sum(loading.transformer_block_bytes(MID_CONFIG, "fp8", torch.bfloat16))
+                 + loading.transformer_nonblock_bytes(MID_CONFIG, "fp8", torch.bfloat16))
+    owned_fp8 = bf16_size - fp8_total  # C/2 where C = bf16 bytes of the cast tensors
+    _trim_heap()
+    with loading.PeakSampler(interval=0.005) as peak:
+        mapped = loading.load_transformer(mid_folder, "fp8", torch.bfloat16, keep_mapped=True)
+    assert peak.growth < owned_fp8 + 24e6, (peak.growth, owned_fp8)
+    assert peak.growth < 0.8 * fp8_total  # clearly below the all-owned fp8 load
+    owned = loading.load_transformer(mid_folder, "fp8", torch.bfloat16)
+    for (name, a), (_, b) in zip(mapped.state_dict().items(), owned.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
