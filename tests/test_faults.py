@@ -163,3 +163,20 @@ def test_outputs_folder_removed_while_running(engine, tiny_model_dir, photo, tmp
     assert one_sentence(str(err.value)) and "removed" in str(err.value)
     # the app goes on: the next job recreates the folder
     assert engine.generate(params(tiny_model_dir, photo, outputs)).status == "done"
+
+
+def test_pickle_weights_are_never_loaded(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from framepack_local.models import check_model_folder, load_part
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models)
+    st = models / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(st)), models / "vae" / "diffusion_pytorch_model.bin")  # a pickle beside it
+    st.unlink()
+    with pytest.raises(ModelFolderError, match="vae"):
+        check_model_folder(models, "inverted")
+    with pytest.raises(ModelFolderError):
+        load_part(models, "vae")
