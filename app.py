@@ -532,9 +532,15 @@ class Page:
                 return job
         return None
 
-    def resume(self, job_id: str | None) -> str:
+    def resume(self, job_id: str | None, memory_profile: str | None = None, keep_free_gb: float | None = None) -> str:
+        """Resume with the form's current memory settings (the fix after an out-of-memory error)."""
+        overrides = {}
+        if memory_profile:
+            overrides["memory_profile"] = str(memory_profile)
+        if keep_free_gb not in (None, ""):
+            overrides["keep_free_gb"] = float(keep_free_gb)
         try:
-            key = self.worker.resume(self._job_dir(job_id))
+            key = self.worker.resume(self._job_dir(job_id), overrides)
         except FramePackError as exc:
             _warn(str(exc))
             return f"⚠️ {exc}"
@@ -851,7 +857,8 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                             outputs=[details, history_video, resume_btn, reuse_btn], api_name="history_select",
                             **hidden)
         reuse_btn.click(page.reuse, inputs=[history_pick], outputs=form + [message], api_name="reuse", **hidden)
-        resume_btn.click(page.resume, inputs=[history_pick], outputs=[message], api_name="resume", **hidden)
+        resume_btn.click(page.resume, inputs=[history_pick, memory_profile, keep_free_gb], outputs=[message],
+                         api_name="resume", **hidden)
 
         download_btn.click(page.start_download, inputs=[variant], outputs=[message, download_box],
                            api_name="download_models", **hidden)

@@ -3,7 +3,7 @@ rem FramePack Local launcher for Windows.
 rem   run.bat [app options]     set up .venv on first use, then start the app on http://127.0.0.1:7860
 rem   run.bat test [pytest options]
 rem   run.bat cli ARGS...       generate, download, make-tiny-model
-setlocal enabledelayedexpansion
+setlocal
 cd /d "%~dp0"
 if "%FPL_TORCH_VERSION%"=="" set FPL_TORCH_VERSION=2.13.0
 
@@ -45,18 +45,20 @@ if "%WANT_TESTS%"=="1" (
 )
 
 set GRADIO_ANALYTICS_ENABLED=False
-rem goto keeps `shift` effective: inside a ( ) block %1 would be expanded before the shift.
+rem Pass every argument on untouched: %* keeps them all (shift/%1..%9 would drop the tenth); the
+rem substitution removes the leading subcommand word.
+set "ARGS=%*"
 if /i "%~1"=="test" goto :test
 if /i "%~1"=="cli" goto :cli
 %VPY% app.py %*
 exit /b %errorlevel%
 
 :test
-shift
-%VPY% -m pytest -q %1 %2 %3 %4 %5 %6 %7 %8 %9
+set "ARGS=%ARGS:*test=%"
+%VPY% -m pytest -q %ARGS%
 exit /b %errorlevel%
 
 :cli
-shift
-%VPY% -m framepack_local %1 %2 %3 %4 %5 %6 %7 %8 %9
+set "ARGS=%ARGS:*cli=%"
+%VPY% -m framepack_local %ARGS%
 exit /b %errorlevel%

@@ -30,7 +30,7 @@ fi
 VPY="$VENV/bin/python"
 
 # One stamp per set of requirements: nothing is installed again unless its file (or the torch choice) changed.
-stamp_of() { printf '%s' "$*" | sha256sum | cut -d' ' -f1; }
+stamp_of() { printf '%s' "$*" | cksum | cut -d' ' -f1; }  # POSIX everywhere (macOS has no sha256sum)
 base_stamp=$(stamp_of "torch=$TORCH_VERSION index=$torch_index" "$(cat requirements.txt)" \
   "$([ -n "$torch_index" ] && cat requirements-cuda.txt)")
 if [ "$(cat "$VENV/.fpl-stamp" 2>/dev/null)" != "$base_stamp" ]; then

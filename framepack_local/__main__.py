@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser("resume", help="continue a stopped, failed or interrupted job from its last section")
     res.add_argument("job_dir")
     res.add_argument("--device", default=None)
+    # Where things live may change on resume (e.g. after an out-of-memory error); what is computed may not.
+    res.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=None)
+    res.add_argument("--keep-free-gb", type=_number, default=None)
+    res.add_argument("--models", default=None, help="the model folder, if it moved since the job started")
 
     tiny = sub.add_parser("make-tiny-model", help="build a tiny random-weight model folder (offline, for tests)")
     tiny.add_argument("dir")
@@ -128,7 +132,9 @@ def _run_job(args, params: JobParams | None, job_dir: Path | None) -> int:
 
     engine = Engine(device=args.device)
     if job_dir is not None:
-        result = engine.resume(job_dir, on_event=show, cancel=cancel)
+        overrides = {k: v for k, v in (("memory_profile", args.memory_profile), ("keep_free_gb", args.keep_free_gb),
+                                       ("models", args.models)) if v is not None}
+        result = engine.resume(job_dir, on_event=show, cancel=cancel, overrides=overrides)
     else:
         result = engine.generate(params, on_event=show, cancel=cancel)
     if result.status == "stopped":

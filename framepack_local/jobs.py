@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import OutputFolderError
-from .video import atomic_write_json
+from .video import atomic_write_bytes, atomic_write_json
 
 JOB_FILE = "job.json"
 PARTIAL_VIDEO = "partial.mp4"
@@ -81,16 +81,26 @@ def section_file(job_dir: Path, number: int) -> Path:
 
 
 def save_section(job_dir: Path, number: int, latents_bcthw: torch.Tensor, rng_state: torch.Tensor) -> None:
-    """One finished section: its latents and the generator state after it (to continue identically)."""
-    path = section_file(job_dir, number)
-    tmp = path.with_suffix(".tmp")
-    save_file({"latents": latents_bcthw.contiguous().cpu(), "rng_state": rng_state.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    """One finished section: its latents and the generator state after it (to continue identically).
+
+    Serialised in memory (a few MB) and written like every other file: temp + fsync + rename, with
+    file-system errors as one sentence (safetensors' own writer reports them as SafetensorError).
+    """
+    data = save({"latents": latents_bcthw.contiguous().cpu(), "rng_state": rng_state.contiguous()})
+    atomic_write_bytes(section_file(job_dir, number), data)
 
 
-def load_sections(job_dir: Path) -> list[dict[str, torch.Tensor]]:
-    files = sorted((job_dir / SECTIONS_DIR).glob("section_*.safetensors"))
-    return [load_file(str(f)) for f in files]
+def load_sections(job_dir: Path, count: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Sections 0..count-1 in order (all present ones when count is None); a gap is an error."""
+    if count is None:
+        count = len(list((job_dir / SECTIONS_DIR).glob("section_*.safetensors")))
+    out = []
+    for number in range(count):
+        path = section_file(job_dir, number)
+        if not path.is_file():
+            raise FileNotFoundError(f"section {number} of {job_dir} is missing")
+        out.append(load_file(str(path)))
+    return out
 
 
 def job_latents(job_dir: Path, mode: str) -> torch.Tensor:
@@ -110,10 +120,19 @@ def drop_sections_after(job_dir: Path, done: int) -> None:
             f.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     import psutil  # os.kill(pid, 0) would terminate the process on Windows
 
     return psutil.pid_exists(pid)
+
+
+def running_elsewhere(record: dict) -> bool:
+    """True when another live process on this machine is running this job right now."""
+    import socket
+
+    pid = record.get("pid")
+    return (record.get("status") == "running" and record.get("host") == socket.gethostname()
+            and isinstance(pid, int) and pid != os.getpid() and pid_alive(pid))
 
 
 def recover_interrupted(outputs: Path) -> list[Path]:
@@ -131,11 +150,8 @@ def recover_interrupted(outputs: Path) -> list[Path]:
             continue
         if record.get("status") != "running":
             continue
-        pid = record.get("pid")
-        if record.get("host") == host and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
-            continue  # another process on this machine is still working on it
-        if record.get("host") == host and pid == os.getpid():
-            continue
+        if running_elsewhere(record) or (record.get("host") == host and record.get("pid") == os.getpid()):
+            continue  # a live process (maybe this one) is still working on it
         record.update(status="interrupted", error="The app stopped while this job was running; resume it to continue.")
         write_record(job_dir, record)
         found.append(job_dir)

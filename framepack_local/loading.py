@@ -651,20 +651,16 @@ def _check_cache(cache: Path, targets: dict[str, torch.Tensor]) -> dict[Path, di
     return files
 
 
-def _pid_alive(pid: int) -> bool:
-    import psutil  # not os.kill(pid, 0): on Windows signal 0 is CTRL_C_EVENT
-
-    return psutil.pid_exists(pid)
-
-
 def _remove_dead_temps(cache: Path) -> None:
     """Delete temp folders of conversions whose process died (a crash must not leak 17 GB)."""
+    from .jobs import pid_alive
+
     for tmp in cache.parent.glob(f".tmp-{cache.name}-*"):
         try:
             pid = int(tmp.name[len(f".tmp-{cache.name}-"):].split("-")[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             logger.info("Removing the unfinished fp8 copy %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -343,7 +343,10 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
     text_vram = int((kept + llama_gpu + sizes.text_encoder_2 + text_act) * FRAGMENTATION)
     # Loading passes at most one ~5 GB shard through RAM; the memory-mapped mode passes none.
     text_ram_llama = 0 if text_mode == "disk-fp16" else min(llama, int(5 * GB))
-    keep_text = storage == "bf16" and ram_budget > _transformer_ram(tsize, storage) + llama + 4 * GB
+    # Kept between jobs only where it lives off the GPU (memory-mapped); a GPU copy would sit beside the
+    # transformer through every later stage.
+    keep_text = (text_mode == "disk-fp16" and storage == "bf16"
+                 and ram_budget > _transformer_ram(tsize, storage) + llama + 4 * GB)
 
     image_vram = int((kept + sizes.image_encoder + sizes.vae + 0.6 * GB) * FRAGMENTATION)
     pixel_frames = shape.height * shape.width * (8 * shape.window + 1)  # one section decode with its neighbour

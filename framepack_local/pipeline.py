@@ -83,6 +83,9 @@ class _Conditioning:
 
 def _write_failure(job_dir: Path, exc: OSError) -> str:
     """One sentence for a file-system failure in the middle of a job."""
+    name = str(exc.filename or "")
+    if name and not name.startswith(str(job_dir)):
+        return f"Could not use {name} ({exc.strerror or exc}); check that file or folder and resume the job."
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"The disk holding {job_dir} is full; free some space and resume the job "
                 f"(the finished sections are kept).")
@@ -155,6 +158,11 @@ class Engine:
     def plan_for(self, params: JobParams, height: int, width: int) -> memory.MemoryPlan:
         """The memory plan for a job on this machine (pure planning over probed facts)."""
         facts = memory.probe(params.outputs_path)
+        if facts.cuda and self.device.type == "cuda":
+            # What this process already holds (resident transformer blocks, cached blocks) is ours to
+            # place again; without this, job 2 would plan around job 1's resident blocks twice.
+            facts = dataclasses.replace(facts, vram_free=min(facts.vram_total,
+                                                             facts.vram_free + torch.cuda.memory_reserved()))
         if self.device.type != "cuda":
             facts = dataclasses.replace(facts, cuda=False, vram_total=0, vram_free=0, bitsandbytes=False)
         sizes = memory.model_sizes_from_folder(params.models_path, params.mode)
@@ -162,9 +170,9 @@ class Engine:
         return memory.plan(facts, sizes, shape, params.memory_profile, params.keep_free_gb or None)
 
     def manager(self, params: JobParams, plan: memory.MemoryPlan) -> ModelManager:
-        """Models stay loaded between jobs while the folder, mode and transformer storage stay the same."""
+        """Models stay loaded between jobs while folder, mode, storage and resident blocks stay the same."""
         fresh = ModelManager(params.models_path, params.mode, plan, self.device, self.dtype)
-        if self._manager is None or self._manager.key[:3] != fresh.key[:3]:
+        if self._manager is None or self._manager.key[:4] != fresh.key[:4]:
             if self._manager is not None:
                 self._manager.close()  # drop the old set before loading the next one
             self._manager = fresh
@@ -213,10 +221,17 @@ class Engine:
             save_png(job_dir / jobs.END_IMAGE, job.end_rgb)
         return self._run_guarded(job, [], on_event, cancel)
 
+    RESUME_OVERRIDES = ("memory_profile", "keep_free_gb", "models", "outputs")
+
     def resume(
-        self, job_dir: Path, on_event: EventHandler | None = None, cancel: CancelToken | None = None
+        self, job_dir: Path, on_event: EventHandler | None = None, cancel: CancelToken | None = None,
+        overrides: dict | None = None,
     ) -> JobResult:
-        """Continue a stopped, failed or interrupted job from its last finished section."""
+        """Continue a stopped, failed or interrupted job from its last finished section.
+
+        `overrides` may change where things live (memory profile, GPU memory to keep free, the model
+        folder) but never what is computed, so the result stays bit-identical.
+        """
         job_dir = Path(job_dir)
         try:
             record = jobs.read_record(job_dir)
@@ -224,16 +239,28 @@ class Engine:
             raise InputError(f"{job_dir} is not a job folder that can be resumed (no readable job.json).") from exc
         if record.get("status") == "done":
             raise InputError(f"The job {record.get('job_id')} is already finished; its video is in {job_dir}.")
-        params = JobParams(**record["params"]).validate()
+        if jobs.running_elsewhere(record):
+            raise InputError(f"The job {record.get('job_id')} is still running in another FramePack Local process "
+                             f"(pid {record.get('pid')}); stop it there first.")
+        saved_params = dict(record["params"])
+        unknown = set(overrides or {}) - set(self.RESUME_OVERRIDES)
+        if unknown:
+            raise InputError(f"Only the memory settings and folders can change on resume, not {sorted(unknown)}.")
+        if saved_params.get("memory_profile", "auto") == "auto" and "memory_profile" not in (overrides or {}):
+            # Keep the transformer storage of the first run: fp8 and bf16 give different numbers.
+            saved_params["memory_profile"] = (record.get("memory_plan") or {}).get("transformer_storage", "auto")
+        params = JobParams(**{**saved_params, **(overrides or {})}).validate()
         check_model_folder(params.models_path, params.mode)
         start_rgb = np.array(load_image(job_dir / jobs.INPUT_IMAGE, what="saved start image"))
         end_rgb = None
         if params.end_image:
             end_rgb = np.array(load_image(job_dir / jobs.END_IMAGE, what="saved end image"))
         done = int(record.get("sections_done", 0))
-        saved = jobs.load_sections(job_dir)[:done]
-        if len(saved) < done:
-            raise InputError(f"The job in {job_dir} lacks some of its section files; it cannot be resumed.")
+        try:
+            saved = jobs.load_sections(job_dir, done)
+        except Exception as exc:  # missing or unreadable section file
+            raise InputError(f"The job in {job_dir} lacks a readable section file ({exc}); it cannot be "
+                             f"resumed, start it again.") from exc
         jobs.drop_sections_after(job_dir, done)  # a crash can leave a section that was never published
         record["timings_s"] = {}
         record["resumed"] = record.get("resumed", 0) + 1
@@ -256,7 +283,12 @@ class Engine:
             raise
         except torch.cuda.OutOfMemoryError as exc:
             sentence = ("The GPU ran out of memory; the finished sections are kept: raise \"GPU memory to keep "
-                        "free\" (or choose the low-memory profile) and resume the job.")
+                        "free\" (or choose the fp8 or disk memory profile) and resume the job.")
+            self._fail(job, sentence)
+            raise GpuMemoryError(sentence) from exc
+        except MemoryError as exc:
+            sentence = ("The computer ran out of RAM; the finished sections are kept: choose the disk memory "
+                        "profile and resume the job.")
             self._fail(job, sentence)
             raise GpuMemoryError(sentence) from exc
         except OSError as exc:
@@ -271,7 +303,7 @@ class Engine:
         job.record.update(status="failed", error=sentence)
         try:
             job.save()
-        except OSError:
+        except (OSError, FramePackError):  # e.g. the folder is gone: the sentence still reaches the caller
             logger.warning("could not record the failure of job %s", job.job_id)
 
     def _run(self, job: _Job, saved: list, emit: EventHandler, cancel: CancelToken) -> JobResult:
@@ -410,7 +442,8 @@ class Engine:
     def _encode_prompts(self, mgr: ModelManager, prompts: list[str], identity: dict) -> list[TextConditioning]:
         """Cached embeddings where present; the 8B encoder is loaded only for the ones missing."""
         cache_dir = mgr.root / ".cache" / "prompts"
-        keys = [prompt_cache.cache_key(p, identity) for p in prompts]
+        variant = f"{mgr.plan.text_encoder_mode}/{self.dtype}"  # int4 and fp16 embeddings differ
+        keys = [prompt_cache.cache_key(p, identity, variant) for p in prompts]
         found = [prompt_cache.load(cache_dir, k) for k in keys]
         if all(f is not None for f in found):
             logger.info("prompt embeddings from the cache; the text encoder is not loaded")

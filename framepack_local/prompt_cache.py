@@ -19,11 +19,12 @@ CACHE_VERSION = 1
 TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
-def cache_key(prompt: str, identity: dict) -> str:
-    """Same prompt + same text encoders and tokenizers (by weight/config fingerprint) -> same key."""
+def cache_key(prompt: str, identity: dict, variant: str = "") -> str:
+    """Same prompt + same text encoders and tokenizers (by weight/config fingerprint) + same precision
+    (`variant`, e.g. "gpu-int4/torch.bfloat16") -> same key."""
     parts = identity.get("parts", {})
-    blob = json.dumps({"v": CACHE_VERSION, "prompt": prompt, "models": {p: parts.get(p) for p in TEXT_PARTS}},
-                      sort_keys=True)
+    blob = json.dumps({"v": CACHE_VERSION, "prompt": prompt, "variant": variant,
+                       "models": {p: parts.get(p) for p in TEXT_PARTS}}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
@@ -55,5 +56,5 @@ def store(cache_dir: Path, key: str, cond: TextConditioning) -> None:
             "truncated": torch.tensor(int(cond.truncated)),
         }, str(tmp))
         os.replace(tmp, path)
-    except OSError as exc:  # a read-only models folder just means no cache
+    except Exception as exc:  # a read-only or full disk just means no cache (safetensors raises its own type)
         logger.info("prompt cache not written (%s)", exc)

@@ -56,7 +56,8 @@ def _clean(text: str, limit: int = 160) -> str:
 
 def _output_error(target: Path | str, *, exc: BaseException | None = None, stderr: str = "") -> OutputFolderError:
     """Map an OSError and/or ffmpeg's stderr to a one-sentence OutputFolderError."""
-    where = f"Could not write the video to {target}"
+    what = "the video" if str(target).endswith(".mp4") else "the file"
+    where = f"Could not write {what} {target}"
     code = getattr(exc, "errno", None)
     low = stderr.lower()
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or "no space left on device" in low or "disk quota" in low:
@@ -66,8 +67,9 @@ def _output_error(target: Path | str, *, exc: BaseException | None = None, stder
             f"{where}: permission denied; choose an outputs folder you can write to and resume the job."
         )
     if code in (errno.ENOENT, errno.ENOTDIR) or "no such file or directory" in low:
+        # The job folder itself vanished (deleted while running): nothing is left to resume.
         return OutputFolderError(
-            f"{where}: the folder does not exist; create it or choose another outputs folder and resume the job."
+            f"{where}: its folder does not exist (it may have been removed while the job ran); start the job again."
         )
     if exc is not None:
         detail = _clean(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
@@ -428,7 +430,14 @@ class SegmentedVideo:
         video = cls(work_dir, fps=fps, crf=crf, prepend=prepend)
         entries = [dict(s) for s in state.get("segments", [])]
         pending = dict(state["pending"]) if state.get("pending") else None
-        for entry in entries + ([pending] if pending else []):
+        if pending:
+            p = video.work_dir / pending["file"]
+            if not p.is_file() or ("bytes" in pending and p.stat().st_size != pending["bytes"]):
+                # Overwritten or removed by a publish that never got recorded; the edge is rebuilt
+                # from the latents on resume, so the old piece is simply dropped.
+                log.info("dropping the unrecorded pending piece %s", p.name)
+                pending = None
+        for entry in entries:
             p = video.work_dir / entry["file"]
             size = p.stat().st_size if p.is_file() else None
             if size is None or ("bytes" in entry and size != entry["bytes"]):

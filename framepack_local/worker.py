@@ -12,8 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import socket
 import sys
 import threading
 import time
@@ -28,6 +26,7 @@ from .errors import Cancelled, FramePackError, InputError
 from .events import (
     CancelToken, Event, JobFinished, JobStarted, Notice, SectionFinished, StageChanged, StepProgress,
 )
+from .jobs import running_elsewhere
 from .params import JobParams
 
 logger = logging.getLogger(__name__)
@@ -114,6 +113,7 @@ class _Ticket:
     description: str
     params: JobParams | None = None
     job_dir: Path | None = None  # resume target
+    overrides: dict | None = None  # resume: memory settings / folders that may change
     cancel: CancelToken | None = None
 
 
@@ -164,11 +164,11 @@ def failure_sentence(exc: BaseException) -> str:
     torch = sys.modules.get("torch")
     oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
     if oom is not None and isinstance(exc, oom):
-        return ("The GPU ran out of memory; choose a lower resolution or keep more GPU memory free "
-                "(memory setting), then resume the job — the finished sections are kept.")
+        return ("The GPU ran out of memory; raise \"GPU memory to keep free\" or choose the fp8 or disk memory "
+                "profile, then resume the job — the finished sections are kept.")
     if isinstance(exc, MemoryError):
-        return ("The computer ran out of system memory; close other programs or choose a lower resolution, "
-                "then resume the job — the finished sections are kept.")
+        return ("The computer ran out of system memory; close other programs or choose the disk memory "
+                "profile, then resume the job — the finished sections are kept.")
     detail = " ".join(str(exc).split())
     if len(detail) > 120:
         detail = detail[:117] + "..."
@@ -207,8 +207,11 @@ class Worker:
         params.validate()
         return self._enqueue(_Ticket(self._new_key(), "new", describe(params), params=params))
 
-    def resume(self, job_dir: str | Path) -> str:
-        """Queue a resume of a stopped or failed job folder; returns its ticket key."""
+    def resume(self, job_dir: str | Path, overrides: dict | None = None) -> str:
+        """Queue a resume of a stopped or failed job folder; returns its ticket key.
+
+        `overrides`: memory settings (memory_profile, keep_free_gb) to use this time, e.g. after an
+        out-of-memory error; they never change the result."""
         job_dir = Path(job_dir)
         record_path = job_dir / JOB_FILE
         try:
@@ -217,14 +220,13 @@ class Worker:
             raise InputError(f"{job_dir} is not a readable job folder, so it cannot be resumed.") from exc
         if record.get("status") == "done":
             raise InputError("This job is already finished; there is nothing to resume.")
-        if not self._engine_can_resume():
-            raise InputError("This version of the engine cannot resume jobs yet; start the job again instead.")
         if job_dir.resolve() in self.busy_dirs:
             raise InputError("This job is already running or waiting in the queue.")
         prompt = (record.get("params") or {}).get("prompt", "")
         short = " ".join(str(prompt).split())[:40]
         description = f"Resume {record.get('job_id', job_dir.name)} (“{short}”)"
-        return self._enqueue(_Ticket(self._new_key(), "resume", description, job_dir=job_dir))
+        return self._enqueue(_Ticket(self._new_key(), "resume", description, job_dir=job_dir,
+                                     overrides=dict(overrides) if overrides else None))
 
     def stop(self, key: str | None = None) -> bool:
         """Stop the running job (within one sampling step) or drop a queued one. None = the running job."""
@@ -338,15 +340,6 @@ class Worker:
     def _ticket_dir(ticket: _Ticket) -> Path | None:
         return ticket.job_dir.resolve() if ticket.job_dir is not None else None
 
-    def _engine_can_resume(self) -> bool:
-        if self._engine is not None:
-            return callable(getattr(self._engine, "resume", None))
-        if self._engine_factory is not _default_engine:
-            return True  # a custom factory: find out when the job runs
-        from .pipeline import Engine  # imported only when a resume is asked for
-
-        return callable(getattr(Engine, "resume", None))
-
     def _enqueue(self, ticket: _Ticket) -> str:
         with self._wake:
             if self._closed:
@@ -407,10 +400,8 @@ class Worker:
             if self._engine is None:
                 self._engine = self._engine_factory()
             if ticket.kind == "resume":
-                resume = getattr(self._engine, "resume", None)
-                if not callable(resume):
-                    raise InputError("This version of the engine cannot resume jobs yet; start the job again instead.")
-                result = resume(ticket.job_dir, on_event=self._on_event, cancel=ticket.cancel)
+                kwargs = {"overrides": ticket.overrides} if ticket.overrides else {}
+                result = self._engine.resume(ticket.job_dir, on_event=self._on_event, cancel=ticket.cancel, **kwargs)
             else:
                 result = self._engine.generate(ticket.params, on_event=self._on_event, cancel=ticket.cancel)
             status = getattr(result, "status", "done")
@@ -541,7 +532,7 @@ def _read_summary(job_dir: Path, busy: set[Path]) -> JobSummary | None:
         return None
     params = record.get("params") if isinstance(record.get("params"), dict) else {}
     status = str(record.get("status") or "unknown")
-    if status == "running" and job_dir.resolve() not in busy and not _running_elsewhere(record):
+    if status == "running" and job_dir.resolve() not in busy and not running_elsewhere(record):
         status = "interrupted"
     video = None
     for name in (FINAL_VIDEO, PARTIAL_VIDEO):
@@ -569,22 +560,6 @@ def _read_summary(job_dir: Path, busy: set[Path]) -> JobSummary | None:
         error=record.get("error") if isinstance(record.get("error"), str) else None,
         params=params,
     )
-
-
-def _running_elsewhere(record: dict) -> bool:
-    """True when another live process on this machine claims the job (the engine records pid and host)."""
-    pid = record.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid == os.getpid() or pid <= 0:
-        return False
-    if record.get("host") != socket.gethostname():
-        return False
-    # psutil, not os.kill(pid, 0): on Windows os.kill terminates the process whatever the signal.
-    import psutil
-
-    try:
-        return psutil.pid_exists(pid)
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _mtime_ns(path: Path | None) -> int:

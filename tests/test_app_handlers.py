@@ -298,7 +298,7 @@ def test_history_reuse_and_resume(page, photo):
     record_path.write_text(json.dumps(record))
     _, _, resume_btn, _ = page.select_history(job_id)
     assert resume_btn["interactive"] is True
-    assert "cannot resume" in page.resume(job_id)  # this fake engine has no resume()
+    assert page.resume(job_id, "fp8", 2).startswith(f"Resuming {job_id} as ")
 
     for bad in ("../outside", "nope", None):
         assert page.resume(bad).startswith("⚠️")

@@ -180,3 +180,40 @@ def test_pickle_weights_are_never_loaded(tiny_model_dir, tmp_path):
         check_model_folder(models, "inverted")
     with pytest.raises(ModelFolderError):
         load_part(models, "vae")
+
+
+def test_failure_while_publishing_is_resumable(engine, tiny_model_dir, photo, tmp_path, monkeypatch):
+    # The pending piece is re-encoded before publish; if publish then fails, the record still
+    # describes the previous pending piece. Resume must rebuild the edge, not refuse.
+    from framepack_local import video
+
+    calls = {"n": 0}
+    real = video.SegmentedVideo.publish
+
+    def failing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OutputFolderError("Could not write the video x.mp4: the disk is full; free some space and "
+                                    "resume the job.")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(video.SegmentedVideo, "publish", failing)
+    with pytest.raises(OutputFolderError):
+        engine.generate(params(tiny_model_dir, photo, tmp_path))
+    monkeypatch.undo()
+    job_dir = next(tmp_path.iterdir())
+    assert jobs.read_record(job_dir)["sections_done"] == 1
+    resumed = engine.resume(job_dir, overrides={"keep_free_gb": 1.0})
+    assert resumed.status == "done"
+    assert probe_video(resumed.video_path).frames == jobs.read_record(job_dir)["frames"]
+
+
+def test_resume_refuses_changes_to_what_is_computed(engine, tiny_model_dir, photo, tmp_path):
+    from framepack_local.errors import InputError
+    from framepack_local.events import CancelToken
+
+    cancel = CancelToken()
+    cancel.cancel()
+    stopped = engine.generate(params(tiny_model_dir, photo, tmp_path), cancel=cancel)
+    with pytest.raises(InputError, match="Only the memory settings"):
+        engine.resume(stopped.job_dir, overrides={"seed": 1})

@@ -209,7 +209,7 @@ class FakeEngine:
 @pytest.mark.parametrize("exc, expected", [
     (RuntimeError("boom\nsecond line"), "The job failed unexpectedly (RuntimeError: boom second line); "
                                         "the finished sections are kept."),
-    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "lower resolution"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "GPU memory to keep free"),
     (MemoryError(), "system memory"),
 ])
 def test_unexpected_errors_become_one_sentence(tmp_path, photo, exc, expected, caplog):
@@ -249,8 +249,8 @@ def test_eta_from_step_durations(tmp_path, photo):
 
 def test_resume(tmp_path, photo):
     class ResumingEngine(FakeEngine):
-        def resume(self, job_dir, on_event=None, cancel=None):
-            self.calls.append(("resume", Path(job_dir)))
+        def resume(self, job_dir, on_event=None, cancel=None, overrides=None):
+            self.calls.append(("resume", Path(job_dir), overrides))
             on_event(JobFinished("done", Path(job_dir), Path(job_dir) / "video.mp4", 0.0))
             from framepack_local.pipeline import JobResult
             return JobResult("done", Path(job_dir).name, Path(job_dir), Path(job_dir) / "video.mp4")
@@ -267,17 +267,14 @@ def test_resume(tmp_path, photo):
     w = Worker(engine)
     key = w.resume(stopped)
     assert w.wait(key, 10).status == "done"
-    assert engine.calls == [("resume", stopped)]
+    key = w.resume(stopped, {"keep_free_gb": 2.0})  # the memory fix after an out-of-memory error
+    assert w.wait(key, 10).status == "done"
+    assert engine.calls == [("resume", stopped, None), ("resume", stopped, {"keep_free_gb": 2.0})]
     with pytest.raises(InputError, match="already finished"):
         w.resume(done)
     with pytest.raises(InputError, match="not a readable job folder"):
         w.resume(tmp_path / "nope")
     w.shutdown()
-
-    plain = Worker(FakeEngine(tmp_path))  # an engine without resume(): one sentence, nothing queued
-    with pytest.raises(InputError, match="cannot resume"):
-        plain.resume(stopped)
-    plain.shutdown()
 
 
 def test_list_jobs_tolerates_broken_folders(tmp_path):
