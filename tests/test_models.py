@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from framepack_local.errors import ModelFolderError
+from transformer_inputs import tiny_inputs  # tests/ helper
 from framepack_local.models import (
     MODE_PARTS,
     PARTS,
@@ -216,38 +217,13 @@ def test_vae_compression(loaded):
         assert frames.shape == (1, 3, 9, 64, 64)  # causal VAE: 1 + 4 * (3 - 1) frames
 
 
-def _packed_inputs(config, text_dim: int, seed: int = 0) -> dict:
-    """One call's inputs in the packed layout (DESIGN.md section 3): window, 1x, 2x, 4x history."""
-    g = torch.Generator().manual_seed(seed)
-    window, h, w = 2, 8, 8
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g)
-
-    return dict(
-        hidden_states=rand(1, 16, window, h, w),
-        timestep=torch.tensor([900.0]),
-        encoder_hidden_states=rand(1, 7, text_dim),
-        encoder_attention_mask=torch.ones(1, 7, dtype=torch.bool),
-        pooled_projections=rand(1, config.pooled_projection_dim),
-        image_embeds=rand(1, 16, config.image_proj_dim),
-        indices_latents=torch.tensor([3, 4]),  # 1-D: one index line per call
-        guidance=torch.tensor([10.0 * 1000.0]),
-        latents_clean=rand(1, 16, 2, h, w),
-        indices_latents_clean=torch.tensor([0, 5]),
-        latents_history_2x=rand(1, 16, 2, h, w),
-        indices_latents_history_2x=torch.tensor([6, 7]),
-        latents_history_4x=rand(1, 16, 16, h, w),
-        indices_latents_history_4x=torch.arange(8, 24),
-    )
-
-
 def test_transformer_forward_runs(loaded):
     outputs = {}
     for mode, model in loaded.transformers.items():
-        inputs = _packed_inputs(model.config, loaded.text_encoder.config.hidden_size)
+        inputs = tiny_inputs(loaded.text_encoder.config.hidden_size, model.config.pooled_projection_dim,
+                             model.config.image_proj_dim, h=8, w=8)
         with torch.no_grad():
-            outputs[mode] = model(**inputs).sample
+            outputs[mode] = model(**inputs)[0]
         assert outputs[mode].shape == inputs["hidden_states"].shape
         assert torch.isfinite(outputs[mode]).all()
     assert not torch.allclose(outputs["inverted"], outputs["forward"])
