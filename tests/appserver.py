@@ -88,3 +88,12 @@ def running_app(models: Path, outputs: Path, log_dir: Path, *extra: str):
         yield server
     finally:
         _stop(process)
+
+
+@contextlib.contextmanager
+def healthy_app(models: Path, base: Path, *extra: str):
+    """running_app for a module's tests, checking afterwards that it stayed up and logged no traceback."""
+    with running_app(models, base / "outputs", base, *extra) as srv:
+        yield srv
+        assert srv.alive(), srv.log_tail()
+        assert "Traceback" not in srv.log_tail(100_000), srv.log_tail()

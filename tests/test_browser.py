@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appserver import REPO, running_app
+from appserver import REPO, healthy_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -27,11 +27,8 @@ pytest.importorskip("gradio")
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("browser-app")
-    with running_app(tiny_model_dir, base / "outputs", base) as srv:
+    with healthy_app(tiny_model_dir, tmp_path_factory.mktemp("browser-app")) as srv:
         yield srv
-        assert srv.alive(), srv.log_tail()
-        assert "Traceback" not in srv.log_tail(100_000), srv.log_tail()
 
 
 @pytest.fixture(scope="module")
