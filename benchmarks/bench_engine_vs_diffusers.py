@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline  # noqa: E402
 from diffusers.utils import export_to_video  # noqa: E402
 
-from framepack_local import schedule  # noqa: E402
+from framepack_local.engine import schedule  # noqa: E402
 from framepack_local.images import cover_resize_crop, load_image  # noqa: E402
 from framepack_local.params import JobParams  # noqa: E402
-from framepack_local.pipeline import Engine  # noqa: E402
-from framepack_local.tiny import make_tiny_model  # noqa: E402
+from framepack_local.engine.generate import Engine  # noqa: E402
+from framepack_local.weights.tiny import make_tiny_model  # noqa: E402
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def _check_cpu_bf16():
 def _inputs(config: dict, photo_hw: tuple[int, int], bucket: int, window: int, dtype):
     import torch
 
-    from framepack_local import schedule
+    from framepack_local.engine import schedule
 
     height, width = schedule.find_bucket(*photo_hw, base=bucket)
     h, w = height // 8, width // 8
@@ -167,7 +167,7 @@ def _timed_forward(model, inputs, budget_s: float) -> dict:
 
 def _watchdog(limit_bytes: float):
     """Abort this process (not the machine) if its anonymous RSS passes ``limit_bytes``."""
-    from framepack_local.loading import anon_rss_bytes
+    from framepack_local.memory.measure import anon_rss_bytes
 
     def run():
         while True:
@@ -184,7 +184,8 @@ def _watchdog(limit_bytes: float):
 def child(args) -> dict:
     import torch
 
-    from framepack_local import loading
+    from framepack_local.memory import measure
+    from framepack_local.weights import fp8_cache, storage as weight_storage
 
     _watchdog(args.ram_limit_gb * GB)
     folder = args.dir
@@ -203,17 +204,17 @@ def child(args) -> dict:
 
     if args.storage == "disk":
         # The one-time conversion, measured on its own; the load below maps the existing copy.
-        with loading.PeakSampler(total=True) as peak:
+        with measure.PeakSampler(total=True) as peak:
             t0 = time.perf_counter()
-            loading.ensure_fp8_cache(folder, compute, args.cache_dir)
+            fp8_cache.ensure_fp8_cache(folder, compute, args.cache_dir)
             row["convert_s"] = time.perf_counter() - t0
         row["convert_peak_anon"] = peak.peak
-    base_anon = loading.anon_rss_bytes()
-    with loading.PeakSampler(total=True) as peak:
+    base_anon = measure.anon_rss_bytes()
+    with measure.PeakSampler(total=True) as peak:
         t0 = time.perf_counter()
         # "fp8-mapped": fp8 as the GPU path loads it, the uncast bf16 tensors left on file pages.
         storage = "fp8" if args.storage == "fp8-mapped" else args.storage
-        model = loading.load_transformer(folder, storage, compute, cache_dir=args.cache_dir,
+        model = weight_storage.load_transformer(folder, storage, compute, cache_dir=args.cache_dir,
                                          keep_mapped=args.storage == "fp8-mapped")
         row["load_s"] = time.perf_counter() - t0
     row.update(base_anon=base_anon, load_peak_anon=peak.peak, load_peak_rss=peak.peak_rss)
@@ -221,7 +222,7 @@ def child(args) -> dict:
 
     inputs, (height, width, h, w) = _inputs(config, args.photo, args.bucket, args.window, compute)
     row["bucket"] = f"{height}x{width} px, {h}x{w} latents, window {args.window}"
-    with loading.PeakSampler(total=True) as peak:
+    with measure.PeakSampler(total=True) as peak:
         timing = _timed_forward(model, inputs, args.forward_budget_s)
     row.update(forward_peak_anon=peak.peak, forward_peak_rss=peak.peak_rss, **timing)
 
@@ -230,7 +231,7 @@ def child(args) -> dict:
     row["forward_s"] = (timing["nonblock_s"] + full_dual * timing["per_dual_s"] + full_single * timing["per_single_s"]
                         if row["forward_extrapolated"] else timing["measured_s"])
     if [full_dual, full_single] != row["blocks"] and args.storage != "disk":
-        per_block = loading.transformer_block_bytes(config, args.storage, compute)
+        per_block = weight_storage.transformer_block_bytes(config, args.storage, compute)
         extra = (full_dual - config["num_layers"]) * per_block[0] + (full_single - config["num_single_layers"]) * per_block[-1]
         row["ram_extrapolated_extra"] = extra
     return row
@@ -284,9 +285,9 @@ def parent(args) -> int:
     import psutil
 
     config = json.loads((args.dir / "config.json").read_text())
-    from framepack_local import loading
+    from framepack_local.weights import storage as weight_storage
 
-    bf16_bytes = sum(loading.transformer_block_bytes(config, "bf16")) + loading.transformer_nonblock_bytes(config, "bf16")
+    bf16_bytes = sum(weight_storage.transformer_block_bytes(config, "bf16")) + weight_storage.transformer_nonblock_bytes(config, "bf16")
     total_ram = psutil.virtual_memory().total
     rows = []
     for storage in args.storages:

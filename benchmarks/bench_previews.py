@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from framepack_local.video import SegmentedVideo, encode_frames, probe_video  # noqa: E402
+from framepack_local.jobs.video import SegmentedVideo, encode_frames, probe_video  # noqa: E402
 
 FPS = 30
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from framepack_local.models import FRAMEPACK_TRANSFORMER_CONFIG  # noqa: E402
+from framepack_local.weights.model_folder import FRAMEPACK_TRANSFORMER_CONFIG  # noqa: E402
 
 logger = logging.getLogger("make_fullsize_checkpoint")
 
@@ -35,10 +35,10 @@ CACHE_RATIO, HEADROOM = 0.65, 5e9
 
 
 def _bf16_bytes(config: dict) -> tuple[int, list[int]]:
-    from framepack_local import loading
+    from framepack_local.weights import storage
 
-    blocks = loading.transformer_block_bytes(config, "bf16")
-    return loading.transformer_nonblock_bytes(config, "bf16") + sum(blocks), blocks
+    blocks = storage.transformer_block_bytes(config, "bf16")
+    return storage.transformer_nonblock_bytes(config, "bf16") + sum(blocks), blocks
 
 
 def _fit_blocks(config: dict, free: float) -> dict:
@@ -66,12 +66,12 @@ def _value(name: str, shape: tuple[int, ...], std: float, seed: int):
 def write_checkpoint(out: Path, config: dict, std: float = 0.02, seed: int = 0, shard_bytes: int = SHARD_BYTES) -> Path:
     import torch
 
-    from framepack_local import loading
+    from framepack_local.weights import casting, safetensors_io
 
-    meta = loading.build_meta_model(config)
+    meta = casting.build_meta_model(config)
     # Non-block tensors first, then block by block (the order of the real checkpoint's index).
-    names = [(n, tuple(t.shape)) for n, t in meta.named_parameters() if not n.startswith(loading.BLOCK_LISTS)]
-    names += [(n, tuple(t.shape)) for n, t in meta.named_parameters() if n.startswith(loading.BLOCK_LISTS)]
+    names = [(n, tuple(t.shape)) for n, t in meta.named_parameters() if not n.startswith(casting.BLOCK_LISTS)]
+    names += [(n, tuple(t.shape)) for n, t in meta.named_parameters() if n.startswith(casting.BLOCK_LISTS)]
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in names:
@@ -92,7 +92,7 @@ def write_checkpoint(out: Path, config: dict, std: float = 0.02, seed: int = 0, 
         file_name = f"diffusion_pytorch_model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         specs = [(n, torch.bfloat16, s) for n, s in shard]
         shapes = dict(shard)
-        total += loading.write_safetensors_streaming(tmp / file_name, specs, lambda n: _value(n, shapes[n], std, seed))
+        total += safetensors_io.write_safetensors_streaming(tmp / file_name, specs, lambda n: _value(n, shapes[n], std, seed))
         weight_map.update({n: file_name for n, _ in shard})
         logger.info("wrote %s (%d tensors, %.1f GB so far, %.0f s)", file_name, len(shard), total / 1e9,
                     time.perf_counter() - started)

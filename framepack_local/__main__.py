@@ -112,7 +112,7 @@ def _resume(args) -> int:
 
 def _run_job(args, params: JobParams | None, job_dir: Path | None) -> int:
     from .events import CancelToken, JobStarted, Notice, SectionFinished, StageChanged, StepProgress
-    from .pipeline import Engine
+    from .engine.generate import Engine
 
     cancel = CancelToken()
     # First Ctrl+C stops after the current step and keeps the video so far; a second one kills.
@@ -148,7 +148,7 @@ def _run_job(args, params: JobParams | None, job_dir: Path | None) -> int:
 
 
 def _make_tiny(args) -> int:
-    from .tiny import make_tiny_model
+    from .weights.tiny import make_tiny_model
 
     path = make_tiny_model(Path(args.dir), seed=args.seed)
     print(path)
@@ -156,7 +156,7 @@ def _make_tiny(args) -> int:
 
 
 def _download(args) -> int:
-    from .download import download_models
+    from .weights.download import download_models
 
     last = [0.0]
 

@@ -46,7 +46,7 @@ class JobParams:
     resolution: int = 640
     crf: int = 16
     sampler: str = "unipc"
-    # Memory settings change where weights live, never the result (memory.py).
+    # Memory settings change where weights live, never the result (memory/plan.py).
     memory_profile: str = "auto"
     keep_free_gb: float = 0.0
     models: str = str(DEFAULT_MODELS)

@@ -26,20 +26,10 @@ from .errors import Cancelled, FramePackError, InputError
 from .events import (
     CancelToken, Event, JobFinished, JobStarted, Notice, SectionFinished, StageChanged, StepProgress,
 )
-from .jobs import running_elsewhere
+from .jobs import store
 from .params import JobParams
 
 logger = logging.getLogger(__name__)
-
-# File names inside a job folder (kept equal to framepack_local.jobs without importing torch here).
-JOB_FILE = "job.json"
-INPUT_IMAGE = "input.png"
-PARTIAL_VIDEO = "partial.mp4"
-FINAL_VIDEO = "video.mp4"
-
-# Statuses a job folder can be resumed from. "interrupted" is what list_jobs calls a folder whose
-# record still says "running" although no worker runs it (the app was killed mid-job).
-RESUMABLE = ("stopped", "failed", "interrupted")
 
 _MAX_OUTCOMES = 200  # finished tickets remembered for outcome(); old ones are forgotten
 _MAX_NOTICES = 5
@@ -154,7 +144,7 @@ def describe(params: JobParams) -> str:
 
 
 def _default_engine():
-    from .pipeline import Engine
+    from .engine.generate import Engine
 
     return Engine()
 
@@ -213,7 +203,7 @@ class Worker:
         `overrides`: memory settings (memory_profile, keep_free_gb) to use this time, e.g. after an
         out-of-memory error; they never change the result."""
         job_dir = Path(job_dir)
-        record_path = job_dir / JOB_FILE
+        record_path = job_dir / store.JOB_FILE
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -490,99 +480,9 @@ class Worker:
 def _mark_failed(job_dir: Path, error: str) -> None:
     """Record the failure in job.json when the engine left it saying "running" (so history shows it)."""
     try:
-        from . import jobs
-
-        record = jobs.read_record(job_dir)
+        record = store.read_record(job_dir)
         if record.get("status") == "running":
             record.update(status="failed", error=error)
-            jobs.write_record(job_dir, record)
+            store.write_record(job_dir, record)
     except Exception:  # noqa: BLE001 - a missing or broken record must not break the worker
         logger.debug("could not mark %s as failed", job_dir, exc_info=True)
-
-
-# ----- past jobs ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JobSummary:
-    job_id: str
-    job_dir: Path
-    prompt: str
-    seconds: float | None
-    created: str  # as recorded ("YYYY-mm-ddTHH:MM:SS+zzzz"), "" when unknown
-    status: str  # "done", "stopped", "failed", "running", "interrupted" or what the record says
-    video: Path | None  # final video, else the video so far
-    thumbnail: Path | None  # the cropped input photo
-    sections_done: int
-    sections: int | None
-    error: str | None
-    params: dict
-
-    @property
-    def resumable(self) -> bool:
-        return self.status in RESUMABLE
-
-
-def _read_summary(job_dir: Path, busy: set[Path]) -> JobSummary | None:
-    try:
-        record = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict):
-        return None
-    params = record.get("params") if isinstance(record.get("params"), dict) else {}
-    status = str(record.get("status") or "unknown")
-    if status == "running" and job_dir.resolve() not in busy and not running_elsewhere(record):
-        status = "interrupted"
-    video = None
-    for name in (FINAL_VIDEO, PARTIAL_VIDEO):
-        if (job_dir / name).is_file():
-            video = job_dir / name
-            break
-    seconds = params.get("seconds")
-    thumb = job_dir / INPUT_IMAGE
-    try:
-        sections_done = int(record.get("sections_done") or 0)
-    except (TypeError, ValueError):
-        sections_done = 0
-    sections = record.get("sections")
-    return JobSummary(
-        job_id=str(record.get("job_id") or job_dir.name),
-        job_dir=job_dir,
-        prompt=str(params.get("prompt") or ""),
-        seconds=float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None,
-        created=str(record.get("created") or ""),
-        status=status,
-        video=video,
-        thumbnail=thumb if thumb.is_file() else None,
-        sections_done=sections_done,
-        sections=sections if isinstance(sections, int) else None,
-        error=record.get("error") if isinstance(record.get("error"), str) else None,
-        params=params,
-    )
-
-
-def _mtime_ns(path: Path | None) -> int:
-    try:
-        return path.stat().st_mtime_ns if path is not None else 0
-    except OSError:
-        return 0
-
-
-def list_jobs(outputs: Path, busy: set[Path] | None = None, limit: int | None = None) -> list[JobSummary]:
-    """Past jobs under `outputs`, newest first. Folders without a readable job.json are skipped.
-
-    `busy`: job folders a worker is running or has queued (their "running" is real; any other
-    "running" record is reported as "interrupted").
-    """
-    outputs = Path(outputs)
-    busy = {Path(b).resolve() for b in (busy or set())}
-    try:
-        folders = [p for p in outputs.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    except OSError:
-        return []
-    summaries = [s for s in (_read_summary(p, busy) for p in folders) if s is not None]
-    # "created" has one-second resolution; the input photo is written once, right after it, so its
-    # modification time orders jobs started within the same second.
-    summaries.sort(key=lambda s: (s.created, _mtime_ns(s.thumbnail), s.job_dir.name), reverse=True)
-    return summaries[:limit] if limit is not None else summaries

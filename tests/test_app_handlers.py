@@ -3,7 +3,6 @@ polling, models panel and download, without a server or a browser."""
 
 import json
 import shutil
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -13,20 +12,17 @@ import numpy as np
 import pytest
 
 gr = pytest.importorskip("gradio")
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # app.py lives at the repository root
-
 # gr.Warning outside a request falls back to warnings.warn; the sentences themselves are asserted below.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-import app  # noqa: E402
 from framepack_local.errors import InputError  # noqa: E402
 from framepack_local.events import JobFinished, JobStarted, SectionFinished, StageChanged, StepProgress  # noqa: E402
-from framepack_local.models import PARTS  # noqa: E402
-from framepack_local.params import JobParams  # noqa: E402
-from framepack_local.pipeline import JobResult  # noqa: E402
-from framepack_local.worker import QueuedJob, Worker, WorkerState, list_jobs  # noqa: E402
+from framepack_local.weights.model_folder import PARTS  # noqa: E402
+from framepack_local.params import DEFAULT_MODELS, JobParams  # noqa: E402
+from framepack_local.engine.generate import JobResult  # noqa: E402
+from framepack_local.jobs.listing import list_jobs  # noqa: E402
+from framepack_local.ui import downloads, forms, handlers, launch, layout, render  # noqa: E402
+from framepack_local.worker import QueuedJob, Worker, WorkerState  # noqa: E402
 
 
 def form(photo, **changes):
@@ -45,7 +41,7 @@ def one_sentence(text: str) -> bool:
 
 
 def test_form_to_params(photo, tmp_path):
-    p = app.form_to_params(form(photo, seed=7.0, steps=12.0, memory_profile="fp8", keep_free_gb=3.5),
+    p = forms.form_to_params(form(photo, seed=7.0, steps=12.0, memory_profile="fp8", keep_free_gb=3.5),
                            tmp_path / "m", tmp_path / "o")
     assert isinstance(p, JobParams)
     assert p.image == str(photo) and p.prompt == "waves roll in" and p.end_image is None
@@ -53,7 +49,7 @@ def test_form_to_params(photo, tmp_path):
     assert p.models == str(tmp_path / "m") and p.outputs == str(tmp_path / "o")
     assert (p.memory_profile, p.keep_free_gb) == ("fp8", 3.5)
     assert p.window == 9 and p.resolution == 640 and p.crf == 16 and p.mode == "inverted"
-    q = app.form_to_params(form(photo, end_image=str(photo), keep_free_gb=None), tmp_path, tmp_path)
+    q = forms.form_to_params(form(photo, end_image=str(photo), keep_free_gb=None), tmp_path, tmp_path)
     assert q.end_image == str(photo) and q.keep_free_gb == JobParams(image="x").keep_free_gb
 
 
@@ -75,16 +71,16 @@ def test_form_to_params(photo, tmp_path):
 ])
 def test_bad_form_values_give_one_sentence(photo, tmp_path, changes, words):
     with pytest.raises(InputError) as info:
-        app.form_to_params(form(photo, **changes), tmp_path, tmp_path)
+        forms.form_to_params(form(photo, **changes), tmp_path, tmp_path)
     assert words.lower() in str(info.value).lower()
     assert one_sentence(str(info.value)), str(info.value)
 
 
 def test_length_line():
-    assert app.length_line(5, 9) == "145 frames = 4.8 s at 30 fps, made in 4 sections of 36 frames"
-    assert "1 section of 4 frames" in app.length_line(0.1, 1)
-    assert app.length_line(None, 9) == "Choose a length and a window size."
-    line = app.length_line(120, 9)
+    assert forms.length_line(5, 9) == "145 frames = 4.8 s at 30 fps, made in 4 sections of 36 frames"
+    assert "1 section of 4 frames" in forms.length_line(0.1, 1)
+    assert forms.length_line(None, 9) == "Choose a length and a window size."
+    line = forms.length_line(120, 9)
     assert "100 sections" in line and "3601 frames" in line
 
 
@@ -92,10 +88,10 @@ def test_params_to_form_round_trip(photo, tmp_path):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     shutil.copy(photo, job_dir / "input.png")
-    p = app.form_to_params(form(photo, seed=99, steps=7, memory_profile="disk", keep_free_gb=2), tmp_path, tmp_path)
-    values = app.params_to_form(p.to_dict(), job_dir)
+    p = forms.form_to_params(form(photo, seed=99, steps=7, memory_profile="disk", keep_free_gb=2), tmp_path, tmp_path)
+    values = forms.params_to_form(p.to_dict(), job_dir)
     assert values["image"] == str(job_dir / "input.png") and values["end_image"] is None
-    again = app.form_to_params(values, tmp_path, tmp_path)
+    again = forms.form_to_params(values, tmp_path, tmp_path)
     assert again.replace(image=p.image) == p
 
 
@@ -113,36 +109,36 @@ def state(**kw):
 
 
 def test_progress_html_running():
-    html = app.progress_html(state())
+    html = render.progress_html(state())
     assert "Section 2 of 5" in html and "step 3 of 10" in html
     assert "1:23 elapsed" in html and "about 4:10 left" in html
     assert 'style="width:26.0%"' in html  # (1 section * 10 + 3) / 50 steps
-    assert "estimating time left" in app.progress_html(state(eta_s=None))
-    loading = app.progress_html(state(section=0, step=0, status_text="Loading models"))
+    assert "estimating time left" in render.progress_html(state(eta_s=None))
+    loading = render.progress_html(state(section=0, step=0, status_text="Loading models"))
     assert "Loading models" in loading and "Section" not in loading
-    assert "Stopping after the current step" in app.progress_html(state(status="stopping"))
+    assert "Stopping after the current step" in render.progress_html(state(status="stopping"))
 
 
 def test_progress_html_end_states_and_escaping():
-    assert "No job is running" in app.progress_html(None)
-    assert "No job is running" in app.progress_html(state(status="idle"))
-    done = app.progress_html(state(status="done", sections_done=5, elapsed_s=3725))
+    assert "No job is running" in render.progress_html(None)
+    assert "No job is running" in render.progress_html(state(status="idle"))
+    done = render.progress_html(state(status="done", sections_done=5, elapsed_s=3725))
     assert "Done" in done and "1:02:05" in done and "width:100%" in done
-    stopped = app.progress_html(state(status="stopped", sections_done=2))
+    stopped = render.progress_html(state(status="stopped", sections_done=2))
     assert "Stopped" in stopped and "after 2 of 5 sections" in stopped
-    failed = app.progress_html(state(status="failed", error="The photo <b>x</b> is broken; choose another."))
+    failed = render.progress_html(state(status="failed", error="The photo <b>x</b> is broken; choose another."))
     assert "Failed" in failed and "&lt;b&gt;x&lt;/b&gt;" in failed and "<b>x</b>" not in failed
-    notice = app.progress_html(state(notices=("The prompt is longer than the text encoder takes.",)))
+    notice = render.progress_html(state(notices=("The prompt is longer than the text encoder takes.",)))
     assert "longer than the text encoder" in notice
 
 
 def test_queue_html_and_choices():
     empty = state()
-    assert "queue is empty" in app.queue_html(empty)
+    assert "queue is empty" in render.queue_html(empty)
     s = state(queue=(QueuedJob("job-2", "new", "“a <cat>”, 5 s"), QueuedJob("job-3", "resume", "Resume x")))
-    table = app.queue_html(s)
+    table = render.queue_html(s)
     assert table.count("<tr>") == 3 and "job-2" in table and "&lt;cat&gt;" in table
-    assert app.queue_choices(s) == [("#1 “a <cat>”, 5 s", "job-2"), ("#2 Resume x", "job-3")]
+    assert render.queue_choices(s) == [("#1 “a <cat>”, 5 s", "job-2"), ("#2 Resume x", "job-3")]
 
 
 def test_preview_html_is_an_inline_png():
@@ -152,11 +148,11 @@ def test_preview_html_is_an_inline_png():
     from PIL import Image
 
     rgb = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
-    html = app.preview_html(rgb, "section 1 <of> 2")
+    html = render.preview_html(rgb, "section 1 <of> 2")
     data = html.split("data:image/png;base64,")[1].split('"')[0]
     back = np.array(Image.open(io.BytesIO(base64.b64decode(data))))
     assert (back == rgb).all() and "section 1 &lt;of&gt; 2" in html
-    assert "<img" not in app.preview_html(None)
+    assert "<img" not in render.preview_html(None)
 
 
 # ----- the page with a fake engine -------------------------------------------------------------------------------
@@ -201,7 +197,7 @@ class GatedEngine:
 def page(tiny_model_dir, photo, tmp_path):
     engine = GatedEngine(photo)
     worker = Worker(engine)
-    p = app.Page(worker, tiny_model_dir, tmp_path / "outputs")
+    p = handlers.Page(worker, tiny_model_dir, tmp_path / "outputs")
     p.engine = engine
     yield p
     engine.gate.set()
@@ -210,7 +206,7 @@ def page(tiny_model_dir, photo, tmp_path):
 
 def start(page, photo, **changes):
     values = form(photo, **{**dict(resolution=64, steps=2, window=1, seconds=1), **changes})
-    return page.start(*[values[name] for name in app.FORM_FIELDS])
+    return page.start(*[values[name] for name in forms.FORM_FIELDS])
 
 
 def wait_for(predicate, timeout=10.0):
@@ -229,7 +225,7 @@ def test_start_stop_queue_and_poll(page, photo):
     message2, key2 = start(page, photo, prompt="second")
     assert key2 and key2 != key and "Queued" in message2 and "number 1" in message2
 
-    out = dict(zip(app.POLL_OUTPUTS, page.poll({})))
+    out = dict(zip(handlers.POLL_OUTPUTS, page.poll({})))
     assert "Section 1 of 2" in out["progress"] and "step 1 of 2" in out["progress"]
     assert "data:image/png;base64," in out["preview"] and "section 1 of 2, step 1 of 2" in out["preview"]
     assert out["partial_video"].endswith("partial.mp4") and out["final_video"] is None
@@ -239,8 +235,8 @@ def test_start_stop_queue_and_poll(page, photo):
     shown = out["shown"]
 
     # nothing changed: the next poll sends (almost) nothing
-    again = dict(zip(app.POLL_OUTPUTS, page.poll(shown)))
-    skipped = [name for name in app.POLL_OUTPUTS if again[name] == gr.skip()]
+    again = dict(zip(handlers.POLL_OUTPUTS, page.poll(shown)))
+    skipped = [name for name in handlers.POLL_OUTPUTS if again[name] == gr.skip()]
     assert set(skipped) >= {"preview", "partial_video", "final_video", "queue_table", "queue_pick", "stop_btn",
                             "gallery", "history_pick", "history_ids", "download_html"}
 
@@ -251,7 +247,7 @@ def test_start_stop_queue_and_poll(page, photo):
     page.engine.gate.set()
     assert page.worker.wait(key, 10).status == "stopped"
     assert page.stop() == "Nothing is running."
-    out = dict(zip(app.POLL_OUTPUTS, page.poll(again["shown"])))
+    out = dict(zip(handlers.POLL_OUTPUTS, page.poll(again["shown"])))
     assert "Stopped" in out["progress"] and out["stop_btn"]["interactive"] is False
     assert "queue is empty" in out["queue_table"]
     assert len(page.engine.calls) == 1
@@ -286,7 +282,7 @@ def test_history_reuse_and_resume(page, photo):
     assert video.endswith("video.mp4") and resume_btn["interactive"] is False and reuse_btn["interactive"] is True
 
     values = page.reuse(job_id)
-    filled = dict(zip(app.FORM_FIELDS, values[:-1]))
+    filled = dict(zip(forms.FORM_FIELDS, values[:-1]))
     assert values[-1] == f"Settings of {job_id} are in the form."
     assert filled["prompt"] == "a boat <on> the lake" and filled["seed"] == 4242 and filled["steps"] == 3
     assert filled["image"].endswith(f"{job_id}/input.png") and filled["resolution"] == 64
@@ -359,23 +355,23 @@ class FolderHub:
 
 def test_models_panel_download_and_folder(tiny_model_dir, tmp_path):
     empty = tmp_path / "models"
-    complete, text = app.models_report(empty)
+    complete, text = render.models_report(empty)
     assert not complete and "does not exist" in text and "transformer (25.7 GB)" in text and "GB**" in text
-    assert app.models_report(tiny_model_dir) == (True, f"Models: `{tiny_model_dir}` is complete.")
+    assert render.models_report(tiny_model_dir) == (True, f"Models: `{tiny_model_dir}` is complete.")
 
-    downloads = app.DownloadManager(hub=FolderHub(tiny_model_dir))
-    page = app.Page(Worker(engine=object()), empty, tmp_path / "out", downloads=downloads)
+    manager = downloads.DownloadManager(hub=FolderHub(tiny_model_dir))
+    page = handlers.Page(Worker(engine=object()), empty, tmp_path / "out", downloads=manager)
     assert page.models_panel()[1]["visible"] is True
     message, box = page.start_download("inverted")
     assert message == "Download started." and "Starting" in box
-    downloads.wait(60)
-    progress, running, error, finished, _ = downloads.snapshot()
+    manager.wait(60)
+    progress, running, error, finished, _ = manager.snapshot()
     assert error is None and finished and not running and progress.fraction == 1.0
-    assert app.models_report(empty)[0]
-    out = dict(zip(app.POLL_OUTPUTS, page.poll({})))
+    assert render.models_report(empty)[0]
+    out = dict(zip(handlers.POLL_OUTPUTS, page.poll({})))
     assert "Download finished" in out["download_html"] and out["models_group"]["visible"] is False
 
-    html = app.download_html(replace(progress, bytes_done=3_200_000_000, bytes_total=42_000_000_000, finished=False,
+    html = render.download_html(replace(progress, bytes_done=3_200_000_000, bytes_total=42_000_000_000, finished=False,
                                       bytes_per_second=45e6, eta_seconds=862.0, current_file="vae/x.safetensors"),
                              True, None, False)
     assert "3.2 GB of 42.0 GB · 45 MB/s · about 14:22 left" in html and "vae/x.safetensors" in html
@@ -384,13 +380,13 @@ def test_models_panel_download_and_folder(tiny_model_dir, tmp_path):
         def list_files(self, repo_id):
             raise ConnectionError("no route to host")
 
-    failing = app.Page(Worker(engine=object()), tmp_path / "m2", tmp_path / "out",
-                       downloads=app.DownloadManager(hub=Offline()))
+    failing = handlers.Page(Worker(engine=object()), tmp_path / "m2", tmp_path / "out",
+                       downloads=downloads.DownloadManager(hub=Offline()))
     failing.start_download("inverted")
     failing.downloads.wait(30)
     _, _, error, finished, _ = failing.downloads.snapshot()
     assert not finished and one_sentence(error) and ("huggingface" in error.lower() or "hub" in error.lower()), error
-    assert "fpl-error" in dict(zip(app.POLL_OUTPUTS, failing.poll({})))["download_html"]
+    assert "fpl-error" in dict(zip(handlers.POLL_OUTPUTS, failing.poll({})))["download_html"]
 
     message, _, _ = failing.use_models_folder(str(tmp_path / "nothing"))
     assert message.startswith("⚠️") and "not a complete model folder" in message
@@ -401,37 +397,37 @@ def test_models_panel_download_and_folder(tiny_model_dir, tmp_path):
 
 
 def test_system_html(tiny_model_dir, tmp_path):
-    html = app.system_html(tiny_model_dir, tmp_path / "not-yet")
+    html = render.system_html(tiny_model_dir, tmp_path / "not-yet")
     assert "GPU" in html and "RAM" in html and "Disk (outputs)" in html and "free" in html
     assert "Memory plan" in html  # the planner's table for a default job
-    assert "Memory plan" not in app.system_html(tmp_path / "no-models", tmp_path)
+    assert "Memory plan" not in render.system_html(tmp_path / "no-models", tmp_path)
 
 
 def test_header_banners():
-    assert "demo_banner" not in app.header_html(False, False)
-    assert "noise" in app.header_html(True, False) and "open to your network" in app.header_html(False, True)
+    assert "demo_banner" not in render.header_html(False, False)
+    assert "noise" in render.header_html(True, False) and "open to your network" in render.header_html(False, True)
 
 
 # ----- building the page and the command line -----------------------------------------------------------------------
 
 
 def test_build_app_has_stable_api_names(tiny_model_dir, tmp_path):
-    blocks = app.build_app(Worker(engine=object()), tiny_model_dir, tmp_path, demo=True)
+    blocks = layout.build_app(Worker(engine=object()), tiny_model_dir, tmp_path, demo=True)
     names = {fn.api_name for fn in blocks.fns.values() if fn.api_name}
     assert {"start", "stop", "poll", "remove_queued", "history", "history_select", "reuse", "resume",
             "download_models", "set_models_folder", "status", "system"} <= names
-    assert isinstance(blocks.page, app.Page) and blocks.page.demo
+    assert isinstance(blocks.page, handlers.Page) and blocks.page.demo
 
 
 def test_command_line_defaults_are_local_only(tmp_path):
-    args = app.parse_args([])
+    args = launch.parse_args([])
     assert (args.port, args.listen, args.demo, args.no_browser, args.models) == (7860, False, False, False, None)
-    kw = app.launch_kwargs(args, tmp_path / "models", tmp_path / "outputs")
+    kw = launch.launch_kwargs(args, tmp_path / "models", tmp_path / "outputs")
     assert kw["server_name"] == "127.0.0.1" and kw["inbrowser"] is True
-    assert kw["allowed_paths"] == [str(tmp_path / "outputs")] and kw["max_file_size"] == app.MAX_UPLOAD
+    assert kw["allowed_paths"] == [str(tmp_path / "outputs")] and kw["max_file_size"] == launch.MAX_UPLOAD
     assert kw["show_error"] is False and kw["css"] and kw["theme"] is not None
-    args = app.parse_args(["--listen", "--no-browser", "--port", "9000", "--demo", "--models", "m", "--outputs", "o"])
-    kw = app.launch_kwargs(args, tmp_path, tmp_path)
+    args = launch.parse_args(["--listen", "--no-browser", "--port", "9000", "--demo", "--models", "m", "--outputs", "o"])
+    kw = launch.launch_kwargs(args, tmp_path, tmp_path)
     assert (kw["server_name"], kw["server_port"], kw["inbrowser"]) == ("0.0.0.0", 9000, False)
 
 
@@ -447,9 +443,9 @@ def test_list_jobs_newest_first_through_page(page, photo):
 
 
 def test_demo_builds_a_tiny_model_once(tmp_path):
-    args = app.parse_args(["--demo", "--models", str(tmp_path / "demo")])
-    models = app.resolve_models(args)
-    assert models == (tmp_path / "demo").resolve() and app.models_report(models)[0]
+    args = launch.parse_args(["--demo", "--models", str(tmp_path / "demo")])
+    models = launch.resolve_models(args)
+    assert models == (tmp_path / "demo").resolve() and render.models_report(models)[0]
     stamp = (models / "source.json").stat().st_mtime_ns
-    assert app.resolve_models(args) == models and (models / "source.json").stat().st_mtime_ns == stamp
-    assert app.resolve_models(app.parse_args([])) == app.DEFAULT_MODELS
+    assert launch.resolve_models(args) == models and (models / "source.json").stat().st_mtime_ns == stamp
+    assert launch.resolve_models(launch.parse_args([])) == DEFAULT_MODELS

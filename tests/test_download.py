@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import framepack_local.download as download
-from framepack_local.download import (
+import framepack_local.weights.download as download
+from framepack_local.weights.download import (
     ALLOW_PATTERNS,
     IGNORE_PATTERNS,
     DownloadItem,
@@ -25,7 +25,7 @@ from framepack_local.download import (
     plan_files,
 )
 from framepack_local.errors import DownloadError
-from framepack_local.models import PARTS, missing_parts
+from framepack_local.weights.model_folder import PARTS, missing_parts
 
 SHARED_TARGETS = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "image_encoder", "feature_extractor"]
 PICKLE_LIKE = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx")

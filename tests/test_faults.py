@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from framepack_local import jobs, pipeline
+from framepack_local.engine import generate
+from framepack_local.jobs import store
 from framepack_local.errors import GpuMemoryError, ModelFolderError, OutputFolderError
 from framepack_local.events import SectionFinished
 from framepack_local.params import JobParams
-from framepack_local.pipeline import Engine
-from framepack_local.video import probe_video
+from framepack_local.engine.generate import Engine
+from framepack_local.jobs.video import probe_video
 
 
 def params(models, photo, outputs, **kw):
@@ -33,11 +34,11 @@ def one_sentence(text: str) -> bool:
 
 
 def assert_kept_and_resumable(engine, job_dir: Path, done: int):
-    record = jobs.read_record(job_dir)
+    record = store.read_record(job_dir)
     assert record["status"] == "failed" and one_sentence(record["error"])
     assert record["sections_done"] == done
     assert len(list((job_dir / "sections").glob("section_*.safetensors"))) >= done
-    assert probe_video(job_dir / jobs.PARTIAL_VIDEO).frames > 0
+    assert probe_video(job_dir / store.PARTIAL_VIDEO).frames > 0
     resumed = engine.resume(job_dir)
     assert resumed.status == "done" and probe_video(resumed.video_path).frames == record["frames"]
 
@@ -49,7 +50,7 @@ def engine():
 
 def test_gpu_oom_during_sampling(engine, tiny_model_dir, photo, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = pipeline.sample_flow
+    real = generate.sample_flow
 
     def failing(*a, **k):
         calls["n"] += 1
@@ -57,11 +58,11 @@ def test_gpu_oom_during_sampling(engine, tiny_model_dir, photo, tmp_path, monkey
             raise __import__("torch").cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "sample_flow", failing)
+    monkeypatch.setattr(generate, "sample_flow", failing)
     with pytest.raises(GpuMemoryError) as err:
         engine.generate(params(tiny_model_dir, photo, tmp_path))
     assert one_sentence(str(err.value)) and "GPU memory to keep free" in str(err.value)
-    monkeypatch.setattr(pipeline, "sample_flow", real)
+    monkeypatch.setattr(generate, "sample_flow", real)
     job_dir = next(tmp_path.iterdir())
     assert_kept_and_resumable(engine, job_dir, done=1)
     assert engine.generate(params(tiny_model_dir, photo, tmp_path / "next")).status == "done"
@@ -69,7 +70,7 @@ def test_gpu_oom_during_sampling(engine, tiny_model_dir, photo, tmp_path, monkey
 
 def test_gpu_oom_during_decode(engine, tiny_model_dir, photo, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = pipeline.vae_decode
+    real = generate.vae_decode
 
     def failing(*a, **k):
         calls["n"] += 1
@@ -77,10 +78,10 @@ def test_gpu_oom_during_decode(engine, tiny_model_dir, photo, tmp_path, monkeypa
             raise __import__("torch").cuda.OutOfMemoryError("CUDA out of memory")
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "vae_decode", failing)
+    monkeypatch.setattr(generate, "vae_decode", failing)
     with pytest.raises(GpuMemoryError):
         engine.generate(params(tiny_model_dir, photo, tmp_path))
-    monkeypatch.setattr(pipeline, "vae_decode", real)
+    monkeypatch.setattr(generate, "vae_decode", real)
     job_dir = next(tmp_path.iterdir())
     # the third section was sampled and saved but never decoded: resume redoes it from its latents
     assert_kept_and_resumable(engine, job_dir, done=2)
@@ -113,7 +114,7 @@ def test_disk_full_while_writing(engine, tiny_model_dir, photo, tmp_path, small_
             else:  # no mount allowed here: fail the next section write the way a full disk does
                 def enospc(*a, **k):
                     raise OSError(errno.ENOSPC, "No space left on device")
-                monkeypatch.setattr(jobs, "save_section", enospc)
+                monkeypatch.setattr(store, "save_section", enospc)
 
     with pytest.raises(OutputFolderError) as err:
         engine.generate(params(tiny_model_dir, photo, outputs), on_event=fill_after_first_section)
@@ -121,8 +122,8 @@ def test_disk_full_while_writing(engine, tiny_model_dir, photo, tmp_path, small_
     monkeypatch.undo()
     filler.unlink(missing_ok=True)
     job_dir = next(outputs.iterdir())
-    record = jobs.read_record(job_dir)
-    assert record["sections_done"] >= 1 and probe_video(job_dir / jobs.PARTIAL_VIDEO).frames > 0
+    record = store.read_record(job_dir)
+    assert record["sections_done"] >= 1 and probe_video(job_dir / store.PARTIAL_VIDEO).frames > 0
     if record["status"] == "failed":  # the record itself could be written (it usually can: space was freed)
         assert "full" in record["error"]
     resumed = engine.resume(job_dir)
@@ -169,7 +170,7 @@ def test_pickle_weights_are_never_loaded(tiny_model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from framepack_local.models import check_model_folder, load_part
+    from framepack_local.weights.model_folder import check_model_folder, load_part
 
     models = tmp_path / "models"
     shutil.copytree(tiny_model_dir, models)
@@ -185,7 +186,7 @@ def test_pickle_weights_are_never_loaded(tiny_model_dir, tmp_path):
 def test_failure_while_publishing_is_resumable(engine, tiny_model_dir, photo, tmp_path, monkeypatch):
     # The pending piece is re-encoded before publish; if publish then fails, the record still
     # describes the previous pending piece. Resume must rebuild the edge, not refuse.
-    from framepack_local import video
+    from framepack_local.jobs import video
 
     calls = {"n": 0}
     real = video.SegmentedVideo.publish
@@ -202,10 +203,10 @@ def test_failure_while_publishing_is_resumable(engine, tiny_model_dir, photo, tm
         engine.generate(params(tiny_model_dir, photo, tmp_path))
     monkeypatch.undo()
     job_dir = next(tmp_path.iterdir())
-    assert jobs.read_record(job_dir)["sections_done"] == 1
+    assert store.read_record(job_dir)["sections_done"] == 1
     resumed = engine.resume(job_dir, overrides={"keep_free_gb": 1.0})
     assert resumed.status == "done"
-    assert probe_video(resumed.video_path).frames == jobs.read_record(job_dir)["frames"]
+    assert probe_video(resumed.video_path).frames == store.read_record(job_dir)["frames"]
 
 
 def test_resume_refuses_changes_to_what_is_computed(engine, tiny_model_dir, photo, tmp_path):

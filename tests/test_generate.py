@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from framepack_local import jobs, schedule
+from framepack_local.engine import schedule
+from framepack_local.jobs import store
 from framepack_local.events import CancelToken, JobFinished, JobStarted, Notice, SectionFinished, StepProgress
 from framepack_local.params import JobParams
-from framepack_local.pipeline import Engine
-from framepack_local.video import probe_video
+from framepack_local.engine.generate import Engine
+from framepack_local.jobs.video import probe_video
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +88,7 @@ def test_same_seed_same_latents(engine, tiny_model_dir, photo, tmp_path):
     a = engine.generate(tiny_params(tiny_model_dir, photo, tmp_path / "a"))
     b = engine.generate(tiny_params(tiny_model_dir, photo, tmp_path / "b"))
     c = engine.generate(tiny_params(tiny_model_dir, photo, tmp_path / "c", seed=124))
-    la, lb, lc = (jobs.job_latents(r.job_dir, "inverted") for r in (a, b, c))
+    la, lb, lc = (store.job_latents(r.job_dir, "inverted") for r in (a, b, c))
     assert torch.equal(la, lb)
     assert not torch.equal(la, lc)
     # start latent first, then 4 sections of 2 latent frames

@@ -4,9 +4,10 @@ import pytest
 import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-from framepack_local import memory as m
-from framepack_local.models import FRAMEPACK_TRANSFORMER_CONFIG
-from framepack_local.schedule import find_bucket
+from framepack_local.memory import plan as m
+from framepack_local.memory.probe import model_sizes_from_folder, probe, transformer_size_from_module
+from framepack_local.weights.model_folder import FRAMEPACK_TRANSFORMER_CONFIG
+from framepack_local.engine.schedule import find_bucket
 
 GB = m.GB
 REAL_CONFIG = FRAMEPACK_TRANSFORMER_CONFIG
@@ -16,7 +17,7 @@ REAL_CONFIG = FRAMEPACK_TRANSFORMER_CONFIG
 def real_sizes():
     with torch.device("meta"):
         model = HunyuanVideoFramepackTransformer3DModel(**REAL_CONFIG)
-    return m.ModelSizes(m.transformer_size_from_module(model))
+    return m.ModelSizes(transformer_size_from_module(model))
 
 
 def facts(vram_gb, ram_gb, bnb=True, used_vram_gb=0.3, ram_free=0.8):
@@ -99,15 +100,15 @@ def test_activation_estimate_grows_with_the_window_and_bucket():
 
 
 def test_sizes_from_tiny_folder_headers(tiny_model_dir):
-    sizes = m.model_sizes_from_folder(tiny_model_dir, "inverted")
-    from framepack_local.models import load_part
+    sizes = model_sizes_from_folder(tiny_model_dir, "inverted")
+    from framepack_local.weights.model_folder import load_part
 
     model = load_part(tiny_model_dir, "transformer")
-    assert sizes.transformer == m.transformer_size_from_module(model)
+    assert sizes.transformer == transformer_size_from_module(model)
     assert sizes.vae > 0 and sizes.text_encoder > 0
 
 
 def test_probe_reads_this_machine(tmp_path):
-    f = m.probe(tmp_path)
+    f = probe(tmp_path)
     assert f.ram_total > f.ram_available > 0 and f.disk_free > 0
     assert f.cuda == torch.cuda.is_available()

@@ -14,7 +14,7 @@ import torch
 
 from framepack_local.errors import ModelFolderError
 from transformer_inputs import tiny_inputs  # tests/ helper
-from framepack_local.models import (
+from framepack_local.weights.model_folder import (
     MODE_PARTS,
     PARTS,
     check_model_folder,
@@ -24,7 +24,7 @@ from framepack_local.models import (
     missing_parts,
     model_identity,
 )
-from framepack_local.tiny import TEMPLATE_PREAMBLE, TEMPLATE_PREAMBLE_TOKENS, make_tiny_model
+from framepack_local.weights.tiny import TEMPLATE_PREAMBLE, TEMPLATE_PREAMBLE_TOKENS, make_tiny_model
 
 SHARED = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "image_encoder", "feature_extractor"]
 

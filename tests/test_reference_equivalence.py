@@ -12,10 +12,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline
 from PIL import Image
 
-from framepack_local import schedule
-from framepack_local.encode import vae_encode
+from framepack_local.engine import schedule
+from framepack_local.engine.encode import vae_encode
 from framepack_local.params import JobParams
-from framepack_local.pipeline import Engine
+from framepack_local.engine.generate import Engine
 
 INDEX_KEYS = ("indices_latents", "indices_latents_clean", "indices_latents_history_2x", "indices_latents_history_4x")
 SHAPE_KEYS = ("hidden_states", "latents_clean", "latents_history_2x", "latents_history_4x", "image_embeds",

@@ -6,10 +6,10 @@ import weakref
 
 import torch
 
-from framepack_local import jobs
-from framepack_local.loading import anon_rss_bytes
+from framepack_local.jobs import store
+from framepack_local.memory.measure import anon_rss_bytes
 from framepack_local.params import JobParams
-from framepack_local.pipeline import Engine
+from framepack_local.engine.generate import Engine
 
 
 def params(tiny_model_dir, photo, outputs, **kw):
@@ -22,7 +22,7 @@ def params(tiny_model_dir, photo, outputs, **kw):
 def test_text_encoder_released_and_prompt_cache_skips_it(tiny_model_dir, photo, tmp_path, monkeypatch):
     engine = Engine(device="cpu")
     seen = []
-    from framepack_local import residency
+    from framepack_local.memory import residency
 
     real_load = residency.ModelManager._load_llama
 
@@ -39,7 +39,7 @@ def test_text_encoder_released_and_prompt_cache_skips_it(tiny_model_dir, photo, 
 
     second = engine.generate(params(tiny_model_dir, photo, tmp_path / "b", prompt=prompt))
     assert len(seen) == 1  # same prompt: embeddings from the disk cache, the 8B encoder never loaded
-    assert torch.equal(jobs.job_latents(first.job_dir, "inverted"), jobs.job_latents(second.job_dir, "inverted"))
+    assert torch.equal(store.job_latents(first.job_dir, "inverted"), store.job_latents(second.job_dir, "inverted"))
 
     engine.generate(params(tiny_model_dir, photo, tmp_path / "c", prompt=prompt + " at dusk"))
     assert len(seen) == 2  # a new prompt needs the encoder again
@@ -63,8 +63,8 @@ def test_memory_does_not_grow_over_ten_jobs(tiny_model_dir, photo, tmp_path):
 
 def test_streamed_text_encoder_matches_the_plain_one(tiny_model_dir):
     # The disk-fp16 mode (memory-mapped files, layer by layer to the device) computes the same thing.
-    from framepack_local.models import load_part
-    from framepack_local.residency import load_llama_streamed
+    from framepack_local.weights.model_folder import load_part
+    from framepack_local.memory.residency import load_llama_streamed
 
     plain = load_part(tiny_model_dir, "text_encoder")
     streamed = load_llama_streamed(tiny_model_dir, torch.device("cpu"))

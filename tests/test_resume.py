@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from framepack_local import jobs
+from framepack_local.jobs import store
 from framepack_local.errors import InputError
 from framepack_local.events import CancelToken, SectionFinished, StepProgress
 from framepack_local.params import JobParams
-from framepack_local.pipeline import Engine
-from framepack_local.video import probe_video
+from framepack_local.engine.generate import Engine
+from framepack_local.jobs.video import probe_video
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--prompt", "a lighthouse in a storm", "--seconds", "1.4", "--window", "2", "--steps", "12",
@@ -46,7 +46,7 @@ def test_sigkill_mid_section_then_resume_is_bit_identical(tiny_model_dir, photo,
         if killed_out.is_dir() and [p for p in killed_out.iterdir() if p.is_dir()]:
             job_dir = only_job(killed_out)
             try:
-                if jobs.read_record(job_dir).get("sections_done", 0) >= 2:
+                if store.read_record(job_dir).get("sections_done", 0) >= 2:
                     break  # sampling section 3 now
             except (OSError, ValueError):
                 pass
@@ -54,29 +54,29 @@ def test_sigkill_mid_section_then_resume_is_bit_identical(tiny_model_dir, photo,
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    record = jobs.read_record(job_dir)
+    record = store.read_record(job_dir)
     assert record["status"] == "running" and 2 <= record["sections_done"] < record["sections"]
 
     # A restarted app finds it and marks it resumable instead of "running" forever.
-    assert jobs.recover_interrupted(killed_out) == [job_dir]
-    assert jobs.read_record(job_dir)["status"] == "interrupted"
+    assert store.recover_interrupted(killed_out) == [job_dir]
+    assert store.read_record(job_dir)["status"] == "interrupted"
     # The video so far survived the kill and plays.
-    assert probe_video(job_dir / jobs.PARTIAL_VIDEO).frames > 0
+    assert probe_video(job_dir / store.PARTIAL_VIDEO).frames > 0
 
     resumed = subprocess.run(cli("resume", str(job_dir)), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert Path(resumed.stdout.strip().splitlines()[-1]) == job_dir / jobs.FINAL_VIDEO
+    assert Path(resumed.stdout.strip().splitlines()[-1]) == job_dir / store.FINAL_VIDEO
 
     clean = subprocess.run(cli("generate", *common, "--outputs", str(clean_out)), cwd=REPO, capture_output=True,
                            text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr
     clean_dir = only_job(clean_out)
 
-    a, b = jobs.job_latents(job_dir, mode), jobs.job_latents(clean_dir, mode)
+    a, b = store.job_latents(job_dir, mode), store.job_latents(clean_dir, mode)
     assert torch.equal(a, b)
-    final = jobs.read_record(job_dir)
+    final = store.read_record(job_dir)
     assert final["status"] == "done" and final["resumed"] == 1
-    assert probe_video(job_dir / jobs.FINAL_VIDEO).frames == probe_video(clean_dir / jobs.FINAL_VIDEO).frames \
+    assert probe_video(job_dir / store.FINAL_VIDEO).frames == probe_video(clean_dir / store.FINAL_VIDEO).frames \
         == final["frames"]
 
 
@@ -92,14 +92,14 @@ def test_stop_and_resume_through_the_api(tiny_model_dir, photo, tmp_path):
 
     stopped = engine.generate(params, on_event=stop_in_section_3, cancel=cancel)
     assert stopped.status == "stopped"
-    assert jobs.read_record(stopped.job_dir)["sections_done"] == 2
+    assert store.read_record(stopped.job_dir)["sections_done"] == 2
 
     sections_seen = []
     resumed = engine.resume(stopped.job_dir, on_event=lambda e: isinstance(e, SectionFinished)
                             and sections_seen.append(e.section))
     assert resumed.status == "done" and sections_seen == [3, 4]
     clean = engine.generate(params.replace(outputs=str(tmp_path / "b")))
-    assert torch.equal(jobs.job_latents(resumed.job_dir, "inverted"), jobs.job_latents(clean.job_dir, "inverted"))
+    assert torch.equal(store.job_latents(resumed.job_dir, "inverted"), store.job_latents(clean.job_dir, "inverted"))
     # the stitched video equals the uninterrupted one frame for frame in count
     assert probe_video(resumed.video_path).frames == probe_video(clean.video_path).frames
 
@@ -115,9 +115,9 @@ def test_resume_refuses_a_folder_without_record(tmp_path):
 def test_recover_leaves_live_and_finished_jobs_alone(tmp_path):
     outputs = tmp_path / "out"
     for status, pid in (("running", os.getpid()), ("done", 1), ("stopped", 1)):
-        job_id, job_dir = jobs.create_job_dir(outputs)
+        job_id, job_dir = store.create_job_dir(outputs)
         import socket
-        jobs.write_record(job_dir, {"job_id": job_id, "status": status, "pid": pid, "host": socket.gethostname()})
-    assert jobs.recover_interrupted(outputs) == []
+        store.write_record(job_dir, {"job_id": job_id, "status": status, "pid": pid, "host": socket.gethostname()})
+    assert store.recover_interrupted(outputs) == []
     statuses = sorted(json.loads((p / "job.json").read_text())["status"] for p in outputs.iterdir())
     assert statuses == ["done", "running", "stopped"]

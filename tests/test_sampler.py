@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from framepack_local.sampler import rescale_cfg, sample_flow
-from framepack_local.schedule import flow_sigmas
+from framepack_local.engine.sampler import rescale_cfg, sample_flow
+from framepack_local.engine.schedule import flow_sigmas
 
 M, S = 0.7, 0.3
 

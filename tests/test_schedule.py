@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from framepack_local import schedule as s
+from framepack_local.engine import schedule as s
 
 
 @pytest.mark.parametrize("seconds,window,expected", [

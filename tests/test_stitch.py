@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import HunyuanVideoFramepackPipeline
 
-from framepack_local import schedule as s
-from framepack_local.stitch import Stitcher
+from framepack_local.engine import schedule as s
+from framepack_local.engine.stitch import Stitcher
 
 
 def reference_soft_append(history_thwc, current_thwc, overlap):

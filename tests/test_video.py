@@ -1,4 +1,4 @@
-"""Tests for framepack_local.video: segment-once previews, stream-copy publishing, probing, errors."""
+"""Tests for framepack_local.jobs.video (and the atomic writers in framepack_local.files): segment-once previews, stream-copy publishing, probing, errors."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from framepack_local import video
+from framepack_local import files
+from framepack_local.jobs import video
 from framepack_local.errors import InputError, OutputFolderError
-from framepack_local.video import SegmentedVideo, encode_frames, probe_video, read_frames
+from framepack_local.jobs.video import SegmentedVideo, encode_frames, probe_video, read_frames
 
 H, W = 48, 64
 
@@ -49,7 +50,7 @@ def assert_color_runs(path, runs) -> None:
 
 def leftovers(folder: Path) -> list[str]:
     """Temp files our atomic writers may leave behind."""
-    return sorted(p.name for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(video._TMP_SUFFIX))
+    return sorted(p.name for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(files.TMP_SUFFIX))
 
 
 def one_sentence(msg: str) -> bool:
@@ -365,9 +366,9 @@ def test_enospc_errno_maps_to_disk_full(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(video.tempfile, "mkstemp", no_space)
+    monkeypatch.setattr(files.tempfile, "mkstemp", no_space)
     with pytest.raises(OutputFolderError) as exc:
-        video.atomic_write_bytes(tmp_path / "x.json", b"{}")
+        files.atomic_write_bytes(tmp_path / "x.json", b"{}")
     assert one_sentence(str(exc.value)) and "disk is full" in str(exc.value)
 
 
@@ -376,13 +377,13 @@ def test_enospc_errno_maps_to_disk_full(tmp_path, monkeypatch):
 
 def test_atomic_json_and_png(tmp_path):
     obj = {"b": 1, "a": "é"}
-    video.atomic_write_json(tmp_path / "s.json", obj)
+    files.atomic_write_json(tmp_path / "s.json", obj)
     text = (tmp_path / "s.json").read_text("utf-8")
     assert json.loads(text) == obj and text.index('"b"') < text.index('"a"') and "\n  " in text
 
     img = np.zeros((H, W, 3), np.uint8)
     img[:, :, 1] = 200
-    video.save_png(tmp_path / "f.png", img)
+    files.save_png(tmp_path / "f.png", img)
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "f.png").convert("RGB")), img)

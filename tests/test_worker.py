@@ -13,8 +13,9 @@ import torch
 from framepack_local.errors import InputError, ModelFolderError
 from framepack_local.events import JobFinished, JobStarted, SectionFinished, StageChanged, StepProgress
 from framepack_local.params import JobParams
-from framepack_local.pipeline import Engine
-from framepack_local.worker import Worker, failure_sentence, list_jobs
+from framepack_local.engine.generate import Engine
+from framepack_local.jobs.listing import list_jobs
+from framepack_local.worker import Worker, failure_sentence
 
 TIMEOUT = 120
 
@@ -158,7 +159,7 @@ def test_bad_jobs_give_one_sentence_and_the_next_job_runs(worker, tiny_model_dir
     assert o1.status == "failed" and "doomed.png" in o1.error and "\n" not in o1.error
     assert o2.status == "failed" and "no-models" in o2.error and "Traceback" not in o2.error
     with pytest.raises(ModelFolderError) as info:
-        from framepack_local.models import check_model_folder
+        from framepack_local.weights.model_folder import check_model_folder
         check_model_folder(tmp_path / "no-models", "inverted")
     assert o2.error == str(info.value)
     assert o3.status == "done" and o3.video_path.is_file()
@@ -202,7 +203,7 @@ class FakeEngine:
         (job_dir / "job.json").write_text(json.dumps({"job_id": job_dir.name, "status": "done",
                                                       "params": params.to_dict()}))
         on_event(JobFinished("done", job_dir, job_dir / "video.mp4", 0.0))
-        from framepack_local.pipeline import JobResult
+        from framepack_local.engine.generate import JobResult
         return JobResult("done", job_dir.name, job_dir, job_dir / "video.mp4")
 
 
@@ -252,7 +253,7 @@ def test_resume(tmp_path, photo):
         def resume(self, job_dir, on_event=None, cancel=None, overrides=None):
             self.calls.append(("resume", Path(job_dir), overrides))
             on_event(JobFinished("done", Path(job_dir), Path(job_dir) / "video.mp4", 0.0))
-            from framepack_local.pipeline import JobResult
+            from framepack_local.engine.generate import JobResult
             return JobResult("done", Path(job_dir).name, Path(job_dir), Path(job_dir) / "video.mp4")
 
     stopped = tmp_path / "20250101-000000-abcdef"

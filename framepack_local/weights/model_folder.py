@@ -2,7 +2,7 @@
 
 A model folder holds one subfolder per part (DESIGN.md section 2), each loadable by its class's
 `from_pretrained`. The real weights come from the hub repositories named in `PARTS`; the tiny
-folder from `framepack_local.tiny` has the same layout, so tests exercise this exact code.
+folder from `framepack_local.weights.tiny` has the same layout, so tests exercise this exact code.
 Nothing here runs at import: torch, transformers and diffusers are imported inside functions.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFolderError
+from ..errors import ModelFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,19 @@ FORWARD_REPO = "lllyasviel/FramePack_F1_I2V_HY_20250503"
 
 DOWNLOAD_COMMAND = "python -m framepack_local download --models {root}"
 TINY_COMMAND = "python -m framepack_local make-tiny-model {root}"
+
+# HunyuanVideo's prompt template for its LLaMA text encoder (what the checkpoints were trained with);
+# the system preamble is cropped off after encoding so only the user's words (and the closing tag)
+# condition the video.
+PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
 
 # The published transformer config of both FramePack checkpoints (diffusers format): 13B parameters,
 # 20 dual-stream + 40 single-stream blocks. Lets the memory plan be made before anything is downloaded.

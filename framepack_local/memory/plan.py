@@ -10,19 +10,15 @@ The plan decides, from probed facts and model sizes only:
   - how the 8B LLaMA text encoder runs (fp16 on the GPU, 8-bit or 4-bit with bitsandbytes, or
     memory-mapped and streamed layer by layer) — it is loaded for the text stage and released before the transformer is needed;
   - whether the VAE decodes tiled.
-It predicts peak VRAM and peak RAM per stage. `probe()` is the only function that looks at the
-machine; everything else is pure and tested with injected facts, including on the real 13B
-configuration built on the meta device.
+It predicts peak VRAM and peak RAM per stage. Everything here is pure and tested with injected facts,
+including on the real 13B configuration built on the meta device; `memory.probe` is what looks at
+the machine and the model folder.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import struct
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 GB = 1024**3
 PROFILES = ("auto", "bf16", "fp8", "disk")
@@ -59,7 +55,7 @@ class SystemFacts:
 
 @dataclass(frozen=True)
 class TransformerSize:
-    """Bytes of the transformer per storage; fp8 follows diffusers' layerwise-casting rule (loading.py):
+    """Bytes of the transformer per storage; fp8 follows diffusers' layerwise-casting rule (weights/casting.py):
     Linear/Conv weights in fp8, the AdaLN modulation linears, embedders and norms in bf16."""
 
     blocks: tuple[int, ...]  # each dual/single block at bf16, in execution order
@@ -161,7 +157,7 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-# ---- sizes
+# ---- activations
 
 
 def activation_bytes(shape: JobShape, hidden: int = 3072, dtype_bytes: int = 2) -> int:
@@ -188,84 +184,12 @@ def activation_bytes(shape: JobShape, hidden: int = 3072, dtype_bytes: int = 2) 
     return block_peak + rope
 
 
-def transformer_size_from_config(config: dict) -> TransformerSize:
-    """Sizes per storage from the transformer's config alone (built on the meta device, no weights)."""
-    from .loading import transformer_block_bytes, transformer_nonblock_bytes
-
-    return TransformerSize(
-        blocks=tuple(transformer_block_bytes(config, "bf16")), other=transformer_nonblock_bytes(config, "bf16"),
-        blocks_fp8=tuple(transformer_block_bytes(config, "fp8")), other_fp8=transformer_nonblock_bytes(config, "fp8"),
-        hidden=config.get("num_attention_heads", 24) * config.get("attention_head_dim", 128),
-    )
-
-
-def transformer_size_from_module(model) -> TransformerSize:
-    return transformer_size_from_config(dict(model.config))
-
-
-def transformer_size_from_folder(folder: Path) -> TransformerSize:
-    return transformer_size_from_config(json.loads((Path(folder) / "config.json").read_text()))
-
-
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
-
-
-def folder_tensor_sizes(folder: Path) -> dict[str, int]:
-    """Tensor name -> bytes at 2 bytes per element, read from safetensors headers only."""
-    sizes = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        for name, meta in _safetensors_header(f).items():
-            if name != "__metadata__":
-                sizes[name] = math.prod(meta["shape"]) * 2
-    return sizes
-
-
-def model_sizes_from_folder(root: Path, mode: str) -> ModelSizes:
-    """Sizes of a model folder's parts from their safetensors headers (no weights are read)."""
-    part = "transformer" if mode == "inverted" else "transformer_f1"
-    total = lambda name: sum(folder_tensor_sizes(Path(root) / name).values())  # noqa: E731
-    return ModelSizes(
-        transformer=transformer_size_from_folder(Path(root) / part),
-        text_encoder=total("text_encoder"), text_encoder_2=total("text_encoder_2"),
-        image_encoder=total("image_encoder"), vae=total("vae"),
-    )
-
-
-# ---- probing (the only impure part)
-
-
-def probe(path_for_disk: Path | str = ".") -> SystemFacts:
-    import importlib.util
-
-    import psutil
-    import torch
-
-    vm = psutil.virtual_memory()
-    cuda = torch.cuda.is_available()
-    free = total = 0
-    name = None
-    if cuda:
-        free, total = torch.cuda.mem_get_info()
-        name = torch.cuda.get_device_name()
-    probe_path = Path(path_for_disk)
-    while not probe_path.exists() and probe_path != probe_path.parent:
-        probe_path = probe_path.parent
-    return SystemFacts(
-        cuda=cuda, gpu_name=name, vram_total=total, vram_free=free, ram_total=vm.total,
-        ram_available=vm.available, disk_free=shutil.disk_usage(probe_path).free,
-        bitsandbytes=cuda and importlib.util.find_spec("bitsandbytes") is not None,
-    )
-
-
 # ---- the plan (pure)
 
 
 def _transformer_ram(size: TransformerSize, storage: str, mapped: bool = False) -> int:
     """Anonymous RAM the transformer holds. `mapped` (GPU compute): fp8 keeps its uncast bf16 tensors
-    as views of the checkpoint's file map (loading.load_transformer keep_mapped), so only the fp8
+    as views of the checkpoint's file map (weights.storage.load_transformer keep_mapped), so only the fp8
     weights are owned: with C the bf16 bytes of the cast tensors, bf16 total - fp8 total = C/2."""
     if storage == "disk":
         return 0  # memory-mapped fp8 file: page cache, not anonymous memory

@@ -8,19 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..weights.model_folder import PROMPT_TEMPLATE
+
 logger = logging.getLogger(__name__)
 
-# HunyuanVideo's prompt template; the system preamble is cropped off after encoding so only the
-# user's words (and the closing tag) condition the video.
-PROMPT_TEMPLATE = (
-    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
-    "1. The main content and theme of the video."
-    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
-    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
-    "4. background environment, light, style and atmosphere."
-    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
-    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
-)
 MAX_PROMPT_TOKENS = 256  # LLaMA prompt tokens after the preamble (checkpoint training setting)
 TEXT_PAD_LENGTH = 512  # the packed transformer was trained on 512 text slots with a mask
 CLIP_TOKENS = 77

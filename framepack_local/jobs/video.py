@@ -10,22 +10,19 @@ Pure Python + subprocess: no torch, and nothing runs at import time.
 
 from __future__ import annotations
 
-import errno
-import io
 import json
 import logging
-import os
 import re
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import InputError, OutputFolderError
+from ..errors import InputError, OutputFolderError
+from ..files import TMP_SUFFIX, atomic_write_bytes, fsync_file, one_line, output_error, replace_file, tmp_path_in, unlink_quiet
 
 log = logging.getLogger(__name__)
 
@@ -41,140 +38,7 @@ _VIDEO_FILTER = (
 )
 
 _STATE_VERSION = 1
-_TMP_SUFFIX = ".fpl-tmp"  # temp files we create; stale ones (after a crash) are ours to delete
 _NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console pop-ups on Windows
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _clean(text: str, limit: int = 160) -> str:
-    """One line, no trailing period, so it can sit inside a one-sentence message."""
-    text = " ".join(text.split()).rstrip(" .;")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _output_error(target: Path | str, *, exc: BaseException | None = None, stderr: str = "") -> OutputFolderError:
-    """Map an OSError and/or ffmpeg's stderr to a one-sentence OutputFolderError."""
-    what = "the video" if str(target).endswith(".mp4") else "the file"
-    where = f"Could not write {what} {target}"
-    code = getattr(exc, "errno", None)
-    low = stderr.lower()
-    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or "no space left on device" in low or "disk quota" in low:
-        return OutputFolderError(f"{where}: the disk is full; free some space and resume the job.")
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "permission denied" in low or "read-only file system" in low:
-        return OutputFolderError(
-            f"{where}: permission denied; choose an outputs folder you can write to and resume the job."
-        )
-    if code in (errno.ENOENT, errno.ENOTDIR) or "no such file or directory" in low:
-        # The job folder itself vanished (deleted while running): nothing is left to resume.
-        return OutputFolderError(
-            f"{where}: its folder does not exist (it may have been removed while the job ran); start the job again."
-        )
-    if exc is not None:
-        detail = _clean(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
-    else:
-        # The first line names the cause; later ones are "Task finished ..." follow-ups.
-        lines = [re.sub(r"^(\[[^\]]*\]\s*)+", "", ln) for ln in stderr.splitlines()]
-        lines = [ln for ln in lines if ln.strip()]
-        detail = "ffmpeg: " + _clean(lines[0]) if lines else "ffmpeg failed without a message"
-    return OutputFolderError(f"{where} ({detail}); check the outputs folder and resume the job.")
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def _tmp_path_in(directory: Path, name: str) -> Path:
-    """Create an empty temp file next to the target (same filesystem, so os.replace is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=directory)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _fsync_file(path: Path) -> None:
-    # r+b: Windows can only flush handles opened for writing.
-    with open(path, "r+b") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Best effort: make the rename itself durable (not possible on Windows)."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    # On Windows a player or browser holding the old preview open makes os.replace fail for
-    # a moment; retry briefly instead of failing the whole job.
-    attempts = 20 if os.name == "nt" else 1
-    for i in range(attempts):
-        try:
-            os.replace(tmp, target)
-            break
-        except PermissionError as exc:
-            if i < attempts - 1:
-                time.sleep(0.1)
-            elif os.name == "nt" and target.exists():
-                raise OutputFolderError(
-                    f"Could not write the video to {target}: the file is open in another program; "
-                    "close it and resume the job."
-                ) from exc
-            else:
-                raise
-    _fsync_dir(target.parent)
-
-
-def _unlink_quiet(path: Path | None) -> None:
-    if path is None:
-        return
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write data to path so that readers see either the old or the complete new file."""
-    target = Path(path)
-    tmp: Path | None = None
-    try:
-        tmp = _tmp_path_in(target.parent, target.name)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise _output_error(target, exc=exc) from exc
-    finally:
-        _unlink_quiet(tmp)
-
-
-def atomic_write_json(path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def save_png(path, rgb_hwc_uint8: np.ndarray) -> None:
-    from PIL import Image  # lazy: keeps importing this module cheap
-
-    arr = np.asarray(rgb_hwc_uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise InputError(f"Cannot save a PNG from an array of shape {arr.shape} and type {arr.dtype}; pass (H, W, 3) uint8.")
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr), "RGB").save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- ffmpeg
@@ -217,7 +81,7 @@ def _run_ffmpeg(args: list[str], *, feed: Iterable[np.ndarray] | None = None, ca
             )
         except OSError as exc:
             raise OutputFolderError(
-                f"Could not start ffmpeg ({_clean(str(exc))}); reinstall FramePack Local's Python packages (imageio-ffmpeg)."
+                f"Could not start ffmpeg ({one_line(str(exc))}); reinstall FramePack Local's Python packages (imageio-ffmpeg)."
             ) from exc
         out_text = ""
         try:
@@ -255,23 +119,23 @@ def _write_with_ffmpeg(target: Path, args_before_output: list[str], feed: Iterab
     tmp: Path | None = None
     try:
         try:
-            tmp = _tmp_path_in(target.parent, target.name)
+            tmp = tmp_path_in(target.parent, target.name)
         except OSError as exc:
-            raise _output_error(target, exc=exc) from exc
+            raise output_error(target, exc=exc) from exc
         # -f mp4: the temp name has no .mp4 extension to guess the muxer from.
         # -xerror: without it ffmpeg exits 0 after skipping an unreadable concat input,
         # silently publishing a shorter video.
         rc, err, _ = _run_ffmpeg(["-xerror", *args_before_output, "-f", "mp4", "-y", _url(tmp)], feed=feed)
         if rc != 0:
-            raise _output_error(target, stderr=err)
+            raise output_error(target, stderr=err)
         try:
-            _fsync_file(tmp)
-            _replace(tmp, target)
+            fsync_file(tmp)
+            replace_file(tmp, target)
         except OSError as exc:
-            raise _output_error(target, exc=exc) from exc
+            raise output_error(target, exc=exc) from exc
         tmp = None
     finally:
-        _unlink_quiet(tmp)
+        unlink_quiet(tmp)
 
 
 def _check_frames(frames: np.ndarray, what: str) -> np.ndarray:
@@ -382,10 +246,10 @@ class SegmentedVideo:
         try:
             seg_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _output_error(seg_dir, exc=exc) from exc
+            raise output_error(seg_dir, exc=exc) from exc
         # Leftovers of an encode interrupted by a crash: ours (by suffix) and never referenced.
-        for stale in seg_dir.glob("*" + _TMP_SUFFIX):
-            _unlink_quiet(stale)
+        for stale in seg_dir.glob("*" + TMP_SUFFIX):
+            unlink_quiet(stale)
 
     # ---- state
 
@@ -482,7 +346,7 @@ class SegmentedVideo:
         """Replace the still-changing piece at the growing edge; None (or no frames) removes it."""
         if frames_thwc_uint8 is None or np.asarray(frames_thwc_uint8).shape[:1] == (0,):
             if self._pending is not None:
-                _unlink_quiet(self.work_dir / self._pending["file"])
+                unlink_quiet(self.work_dir / self._pending["file"])
             self._pending = None
             return
         self._pending = self._encode_piece(frames_thwc_uint8, self.PENDING_NAME)
@@ -614,7 +478,7 @@ def read_frames(path) -> np.ndarray:
         width, height = meta["size"]
         frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in gen]
     except (RuntimeError, OSError, StopIteration) as exc:
-        raise _read_error(p, f"ffmpeg could not decode it ({_clean(str(exc))})") from exc
+        raise _read_error(p, f"ffmpeg could not decode it ({one_line(str(exc))})") from exc
     finally:
         gen.close()
     if not frames:

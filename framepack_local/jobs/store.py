@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .errors import OutputFolderError
-from .video import atomic_write_bytes, atomic_write_json
+from ..errors import OutputFolderError
+from ..files import atomic_write_bytes, atomic_write_json, pid_alive
 
 JOB_FILE = "job.json"
 PARTIAL_VIDEO = "partial.mp4"
@@ -118,12 +118,6 @@ def drop_sections_after(job_dir: Path, done: int) -> None:
     for f in (job_dir / SECTIONS_DIR).glob("section_*.safetensors"):
         if int(f.stem.split("_")[1]) >= done:
             f.unlink()
-
-
-def pid_alive(pid: int) -> bool:
-    import psutil  # os.kill(pid, 0) would terminate the process on Windows
-
-    return psutil.pid_exists(pid)
 
 
 def running_elsewhere(record: dict) -> bool:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import DownloadError
-from .models import MODE_PARTS, PARTS, SHARED_PARTS, missing_parts
+from ..errors import DownloadError
+from .model_folder import MODE_PARTS, PARTS, SHARED_PARTS, missing_parts
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .memory import MemoryPlan
-from .models import load_part
+from .plan import MemoryPlan
+from ..weights.model_folder import load_part
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class ModelManager:
         return self._transformer
 
     def _load_transformer(self):
-        from .loading import apply_streaming, load_transformer
+        from ..weights.storage import load_transformer
+        from ..weights.streaming import apply_streaming
 
         folder = self.root / ("transformer" if self.mode == "inverted" else "transformer_f1")
         # On a GPU the uncast bf16 tensors may stay file-backed: they are copied to the card anyway.

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .encode import PROMPT_TEMPLATE
+from .model_folder import PROMPT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def _build_parts(root: Path, seed: int) -> None:
         SiglipVisionModel,
     )
 
-    from .models import siglip_image_processor_class
+    from .model_folder import siglip_image_processor_class
 
     tokenizer = build_llama_tokenizer()
     tokenizer.save_pretrained(root / "tokenizer")

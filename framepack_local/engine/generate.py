@@ -1,0 +1,473 @@
+"""generate() and resume(): photo -> video, one loop over the section plan (DESIGN.md §3).
+
+Stages: 1 check inputs, 2 job folder, 3 models, 4 text, 5 image, 6 sections (sample, save,
+decode, publish), 7 final video and record. A resumed job replays its saved sections into the
+same state (history, generator, video pieces) and continues with the next one, so its latents
+are bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..jobs import store
+from ..memory.plan import JobShape, MemoryPlan, plan as plan_memory
+from ..memory.probe import model_sizes_from_folder, probe
+from . import prompt_cache, schedule
+from .encode import (
+    TextConditioning, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode, vae_encode,
+)
+from ..errors import Cancelled, FramePackError, GpuMemoryError, InputError, OutputFolderError
+from ..events import (
+    CancelToken, EventHandler, JobFinished, JobStarted, Notice, SectionFinished, StageChanged, StepProgress,
+)
+from ..images import cover_resize_crop, load_image
+from ..weights.model_folder import LoadedModels, check_model_folder, load_part, model_identity
+from ..params import JobParams
+from ..memory.residency import ModelManager
+from .sampler import rescale_cfg, sample_flow
+from .history import PackedHistory
+from .schedule import SectionLayout
+from .stitch import Stitcher
+from ..files import save_png
+from ..jobs.video import SegmentedVideo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    status: str  # "done" or "stopped"
+    job_id: str
+    job_dir: Path
+    video_path: Path | None
+
+
+@dataclass
+class _Job:
+    """One job's fixed facts plus its record (written to job.json after every change)."""
+
+    params: JobParams
+    job_dir: Path
+    record: dict
+    start_rgb: np.ndarray
+    end_rgb: np.ndarray | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def job_id(self) -> str:
+        return self.record["job_id"]
+
+    @property
+    def timings(self) -> dict:
+        return self.record["timings_s"]
+
+    def save(self) -> None:
+        store.write_record(self.job_dir, self.record)
+
+
+@dataclass
+class _Conditioning:
+    text: TextConditioning
+    negative: TextConditioning | None
+    image_embeds: torch.Tensor
+    start_latent: torch.Tensor  # (1, 16, 1, h, w) float32 on the CPU
+    end_latent: torch.Tensor | None
+    preview_map: torch.Tensor
+
+
+def _write_failure(job_dir: Path, exc: OSError) -> str:
+    """One sentence for a file-system failure in the middle of a job."""
+    name = str(exc.filename or "")
+    if name and not name.startswith(str(job_dir)):
+        return f"Could not use {name} ({exc.strerror or exc}); check that file or folder and resume the job."
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"The disk holding {job_dir} is full; free some space and resume the job "
+                f"(the finished sections are kept).")
+    if not job_dir.exists():
+        return f"The job folder {job_dir} was removed while the job was running; start the job again."
+    return f"Could not write to {job_dir} ({exc.strerror or exc}); check the outputs folder and resume the job."
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _to_uint8(frames_thwc: torch.Tensor) -> np.ndarray:
+    return (frames_thwc.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+class Engine:
+    """Keeps loaded models between jobs; one job at a time."""
+
+    def __init__(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        # bf16 is what the checkpoints ship; CPUs are far faster and exact enough in float32.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self._manager: ModelManager | None = None
+
+    def plan_for(self, params: JobParams, height: int, width: int) -> MemoryPlan:
+        """The memory plan for a job on this machine (pure planning over probed facts)."""
+        facts = probe(params.outputs_path)
+        if facts.cuda and self.device.type == "cuda":
+            # What this process already holds (resident transformer blocks, cached blocks) is ours to
+            # place again; without this, job 2 would plan around job 1's resident blocks twice.
+            facts = dataclasses.replace(facts, vram_free=min(facts.vram_total,
+                                                             facts.vram_free + torch.cuda.memory_reserved()))
+        if self.device.type != "cuda":
+            facts = dataclasses.replace(facts, cuda=False, vram_total=0, vram_free=0, bitsandbytes=False)
+        sizes = model_sizes_from_folder(params.models_path, params.mode)
+        shape = JobShape(height=height, width=width, window=params.window)
+        return plan_memory(facts, sizes, shape, params.memory_profile, params.keep_free_gb or None)
+
+    def manager(self, params: JobParams, plan: MemoryPlan) -> ModelManager:
+        """Models stay loaded between jobs while folder, mode, storage and resident blocks stay the same."""
+        fresh = ModelManager(params.models_path, params.mode, plan, self.device, self.dtype)
+        if self._manager is None or self._manager.key[:4] != fresh.key[:4]:
+            if self._manager is not None:
+                self._manager.close()  # drop the old set before loading the next one
+            self._manager = fresh
+        else:
+            self._manager.plan = plan
+        return self._manager
+
+    def loaded_models(self, params: JobParams) -> LoadedModels:
+        """Every part at once, the transformer being the very object generate() uses (tests, benchmarks)."""
+        mgr = self.manager(params, self.plan_for(params, 64, 64))
+        small = {n: mgr.small(n) for n in ("tokenizer", "text_encoder_2", "tokenizer_2", "vae", "image_encoder",
+                                           "feature_extractor")}
+        llama = load_part(params.models_path, "text_encoder", device=self.device, dtype=self.dtype)
+        return LoadedModels(text_encoder=llama, transformers={params.mode: mgr.transformer()}, **small)
+
+    # ---- entry points
+
+    def generate(
+        self, params: JobParams, on_event: EventHandler | None = None, cancel: CancelToken | None = None
+    ) -> JobResult:
+        """Run a new job. Bad input raises a FramePackError before any file is written."""
+        # 1. Everything that can be wrong with the request is found before any file is written.
+        params.validate()
+        check_model_folder(params.models_path, params.mode)
+        start_image = load_image(params.image, what="start image")
+        end_image = load_image(params.end_image, what="end image") if params.end_image else None
+        store.ensure_writable(params.outputs_path)
+        height, width = schedule.find_bucket(start_image.height, start_image.width, params.resolution)
+        sections = schedule.section_count(params.seconds, params.window)
+
+        # 2. Job folder: parameters first, so even a crash leaves a record of what was asked.
+        job_id, job_dir = store.create_job_dir(params.outputs_path)
+        record = {
+            "job_id": job_id, "status": "running", "params": params.to_dict(), "seed": params.seed,
+            "height": height, "width": width, "sections": sections,
+            "frames": schedule.total_frames(sections, params.window), "fps": schedule.FPS, "sections_done": 0,
+            "versions": store.library_versions(), "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""), "timings_s": {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        job = _Job(params, job_dir, record, cover_resize_crop(start_image, height, width),
+                   cover_resize_crop(end_image, height, width) if end_image is not None else None)
+        self._claim(job)
+        save_png(job_dir / store.INPUT_IMAGE, job.start_rgb)
+        if job.end_rgb is not None:
+            save_png(job_dir / store.END_IMAGE, job.end_rgb)
+        return self._run_guarded(job, [], on_event, cancel)
+
+    RESUME_OVERRIDES = ("memory_profile", "keep_free_gb", "models", "outputs")
+
+    def resume(
+        self, job_dir: Path, on_event: EventHandler | None = None, cancel: CancelToken | None = None,
+        overrides: dict | None = None,
+    ) -> JobResult:
+        """Continue a stopped, failed or interrupted job from its last finished section.
+
+        `overrides` may change where things live (memory profile, GPU memory to keep free, the model
+        folder) but never what is computed, so the result stays bit-identical.
+        """
+        job_dir = Path(job_dir)
+        try:
+            record = store.read_record(job_dir)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{job_dir} is not a job folder that can be resumed (no readable job.json).") from exc
+        if record.get("status") == "done":
+            raise InputError(f"The job {record.get('job_id')} is already finished; its video is in {job_dir}.")
+        if store.running_elsewhere(record):
+            raise InputError(f"The job {record.get('job_id')} is still running in another FramePack Local process "
+                             f"(pid {record.get('pid')}); stop it there first.")
+        saved_params = dict(record["params"])
+        unknown = set(overrides or {}) - set(self.RESUME_OVERRIDES)
+        if unknown:
+            raise InputError(f"Only the memory settings and folders can change on resume, not {sorted(unknown)}.")
+        if saved_params.get("memory_profile", "auto") == "auto" and "memory_profile" not in (overrides or {}):
+            # Keep the transformer storage of the first run: fp8 and bf16 give different numbers.
+            saved_params["memory_profile"] = (record.get("memory_plan") or {}).get("transformer_storage", "auto")
+        params = JobParams(**{**saved_params, **(overrides or {})}).validate()
+        check_model_folder(params.models_path, params.mode)
+        start_rgb = np.array(load_image(job_dir / store.INPUT_IMAGE, what="saved start image"))
+        end_rgb = None
+        if params.end_image:
+            end_rgb = np.array(load_image(job_dir / store.END_IMAGE, what="saved end image"))
+        done = int(record.get("sections_done", 0))
+        try:
+            saved = store.load_sections(job_dir, done)
+        except Exception as exc:  # missing or unreadable section file
+            raise InputError(f"The job in {job_dir} lacks a readable section file ({exc}); it cannot be "
+                             f"resumed, start it again.") from exc
+        store.drop_sections_after(job_dir, done)  # a crash can leave a section that was never published
+        record["timings_s"] = {}
+        record["resumed"] = record.get("resumed", 0) + 1
+        job = _Job(params, job_dir, record, start_rgb, end_rgb)
+        self._claim(job)
+        return self._run_guarded(job, saved, on_event, cancel)
+
+    # ---- the job
+
+    def _claim(self, job: _Job) -> None:
+        # Who runs the job: lets a restarted app tell a dead job from one another process is running.
+        job.record.update(status="running", pid=os.getpid(), host=socket.gethostname(), error=None)
+        job.save()
+
+    def _run_guarded(self, job: _Job, saved: list, on_event, cancel) -> JobResult:
+        try:
+            return self._run(job, saved, on_event or (lambda event: None), cancel or CancelToken())
+        except FramePackError as exc:
+            self._fail(job, str(exc))
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            sentence = ("The GPU ran out of memory; the finished sections are kept: raise \"GPU memory to keep "
+                        "free\" (or choose the fp8 or disk memory profile) and resume the job.")
+            self._fail(job, sentence)
+            raise GpuMemoryError(sentence) from exc
+        except MemoryError as exc:
+            sentence = ("The computer ran out of RAM; the finished sections are kept: choose the disk memory "
+                        "profile and resume the job.")
+            self._fail(job, sentence)
+            raise GpuMemoryError(sentence) from exc
+        except OSError as exc:
+            sentence = _write_failure(job.job_dir, exc)
+            self._fail(job, sentence)
+            raise OutputFolderError(sentence) from exc
+        except Exception as exc:
+            self._fail(job, f"The job failed unexpectedly ({type(exc).__name__}); the finished sections are kept.")
+            raise
+
+    def _fail(self, job: _Job, sentence: str) -> None:
+        job.record.update(status="failed", error=sentence)
+        try:
+            job.save()
+        except (OSError, FramePackError):  # e.g. the folder is gone: the sentence still reaches the caller
+            logger.warning("could not record the failure of job %s", job.job_id)
+
+    def _run(self, job: _Job, saved: list, emit: EventHandler, cancel: CancelToken) -> JobResult:
+        params, record, timings = job.params, job.record, job.timings
+        height, width, sections = record["height"], record["width"], record["sections"]
+        layouts = schedule.section_layouts(sections, params.window, params.mode, job.end_rgb is not None)
+        emit(JobStarted(job.job_id, job.job_dir, sections, params.steps, record["frames"], height, width))
+        logger.info("job %s: %d sections x %d steps, %d frames at %dx%d%s", job.job_id, sections, params.steps,
+                    record["frames"], width, height, f", resuming after {len(saved)}" if saved else "")
+
+        # 3. Models, placed by the memory plan
+        t0 = time.perf_counter()
+        emit(StageChanged("load", "Planning memory and loading models"))
+        plan = self.plan_for(params, height, width)
+        logger.info("%s", plan.table())
+        record["memory_plan"] = plan.to_dict()
+        record["models"] = model_identity(params.models_path)
+        mgr = self.manager(params, plan)
+        timings["load"] = time.perf_counter() - t0
+
+        cond = self._condition(job, mgr, emit)
+        t0 = time.perf_counter()
+        transformer = mgr.transformer()
+        vae = mgr.vae()
+        timings["load"] += time.perf_counter() - t0
+
+        # 6. Sections
+        inverted = params.mode == "inverted"
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        history = PackedHistory(inverted, params.window, cond.start_latent)
+        sigmas = schedule.flow_sigmas(params.steps, schedule.window_tokens(params.window, height, width))
+        overlap = schedule.overlap_frames(params.window)
+        if saved:
+            writer = SegmentedVideo.from_state(job.job_dir, record["video"], fps=schedule.FPS, crf=params.crf,
+                                               prepend=inverted)
+            last_span = None
+            for section in saved:
+                last_span = history.add(section["latents"])
+            generator.set_state(saved[-1]["rng_state"])
+            stitcher = Stitcher(overlap, prepend=inverted, sink=lambda f: writer.add_finished(_to_uint8(f)))
+            # The edge that the next section blends with is a pure function of the last decode.
+            with mgr.on_device("vae"):
+                decoded = vae_decode(vae, last_span)
+            stitcher.pending = decoded[:overlap].clone() if inverted else decoded[-overlap:].clone()
+            stitcher.emitted = writer.finished_frame_count
+        else:
+            writer = SegmentedVideo(job.job_dir, fps=schedule.FPS, crf=params.crf, prepend=inverted)
+            stitcher = Stitcher(overlap, prepend=inverted, sink=lambda f: writer.add_finished(_to_uint8(f)))
+
+        metadata = {"framepack_local": {"job_id": job.job_id, **params.to_dict()}}
+        partial_path = job.job_dir / store.PARTIAL_VIDEO
+        for key in ("sampling", "decode", "write"):
+            timings[key] = 0.0
+        status = "done"
+        try:
+            for layout in layouts[len(saved):]:
+                t0 = time.perf_counter()
+                emit(StageChanged("sampling", f"Sampling section {layout.number + 1} of {sections}"))
+                noise = torch.randn(
+                    (1, schedule.LATENT_CHANNELS, params.window, height // schedule.VAE_SPATIAL,
+                     width // schedule.VAE_SPATIAL), generator=generator)
+                context = history.context(layout, cond.start_latent, cond.end_latent)
+                latents = self._sample_section(transformer, job, layout, context, cond, noise, sigmas, cancel,
+                                               emit).cpu()
+                timings["sampling"] += time.perf_counter() - t0
+
+                if inverted and layout.is_last:
+                    latents = torch.cat([cond.start_latent, latents], dim=2)
+                store.save_section(job.job_dir, layout.number, latents, generator.get_state())
+                to_decode = history.add(latents)
+
+                t0 = time.perf_counter()
+                emit(StageChanged("decode", f"Decoding section {layout.number + 1} of {sections}"))
+                with mgr.on_device("vae"):
+                    stitcher.add(vae_decode(vae, to_decode))
+                timings["decode"] += time.perf_counter() - t0
+
+                t0 = time.perf_counter()
+                writer.set_pending(None if stitcher.pending is None else _to_uint8(stitcher.pending))
+                writer.publish(partial_path, metadata)
+                timings["write"] += time.perf_counter() - t0
+                record.update(sections_done=layout.number + 1, video=writer.state())
+                job.save()
+                emit(SectionFinished(layout.number + 1, sections, partial_path, stitcher.frames,
+                                     time.perf_counter() - job.started))
+        except Cancelled:
+            status = "stopped"
+            logger.info("job %s stopped after %d sections", job.job_id, record["sections_done"])
+
+        # 7. Final video (stream copy of the finished segments; nothing is re-encoded).
+        t0 = time.perf_counter()
+        video_path = None
+        if status == "done":
+            stitcher.finish()
+            writer.set_pending(None)
+            video_path = writer.publish(job.job_dir / store.FINAL_VIDEO, metadata)
+            partial_path.unlink(missing_ok=True)
+        elif record["sections_done"]:
+            video_path = partial_path
+        timings["write"] += time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - job.started
+        record.update(status=status, video=writer.state(), video_file=video_path.name if video_path else None)
+        job.save()
+        emit(JobFinished(status, job.job_dir, video_path, timings["total"]))
+        return JobResult(status, job.job_id, job.job_dir, video_path)
+
+    def _condition(self, job: _Job, mgr: ModelManager, emit: EventHandler) -> _Conditioning:
+        """4. Text and 5. image conditioning (recomputed on resume: all of it is deterministic)."""
+        params, timings = job.params, job.timings
+        t0 = time.perf_counter()
+        emit(StageChanged("text", "Encoding the prompt"))
+        prompts = [params.prompt] + ([params.negative_prompt] if params.uses_real_cfg else [])
+        encoded = self._encode_prompts(mgr, prompts, job.record["models"])
+        text, negative = encoded[0], (encoded[1] if params.uses_real_cfg else None)
+        if text.truncated:
+            emit(Notice(f"The prompt is longer than the text encoder takes; only its first "
+                        f"{text.prompt_tokens} tokens are used."))
+        timings["text"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        emit(StageChanged("image", "Encoding the image"))
+        with mgr.on_device("image_encoder", "feature_extractor", "vae") as (siglip, processor, _):
+            vae = mgr.vae()
+            image_embeds = encode_image_siglip(siglip, processor, job.start_rgb, self.device)
+            start_latent = vae_encode(vae, job.start_rgb, self.device).cpu()
+            end_latent = None
+            if job.end_rgb is not None:
+                end_embeds = encode_image_siglip(siglip, processor, job.end_rgb, self.device)
+                # Start and end are weighted equally, as in diffusers' first/last-frame pipeline.
+                image_embeds = (image_embeds + end_embeds) / 2
+                end_latent = vae_encode(vae, job.end_rgb, self.device).cpu()
+        timings["image"] = time.perf_counter() - t0
+        return _Conditioning(text, negative, image_embeds.cpu(), start_latent, end_latent,
+                             fit_latent_preview(start_latent[0], job.start_rgb))
+
+    def _encode_prompts(self, mgr: ModelManager, prompts: list[str], identity: dict) -> list[TextConditioning]:
+        """Cached embeddings where present; the 8B encoder is loaded only for the ones missing."""
+        cache_dir = mgr.root / ".cache" / "prompts"
+        variant = f"{mgr.plan.text_encoder_mode}/{self.dtype}"  # int4 and fp16 embeddings differ
+        keys = [prompt_cache.cache_key(p, identity, variant) for p in prompts]
+        found = [prompt_cache.load(cache_dir, k) for k in keys]
+        if all(f is not None for f in found):
+            logger.info("prompt embeddings from the cache; the text encoder is not loaded")
+            return found
+        with mgr.text_encoder() as llama, mgr.on_device("tokenizer", "text_encoder_2", "tokenizer_2") as (
+                tok, clip, tok2):
+            for i, prompt in enumerate(prompts):
+                if found[i] is None:
+                    found[i] = encode_text(llama, tok, clip, tok2, prompt, self.device)
+                    prompt_cache.store(cache_dir, keys[i], found[i])
+        return found
+
+    def _sample_section(self, transformer, job: _Job, layout: SectionLayout, context: dict,
+                        cond: _Conditioning, noise: torch.Tensor, sigmas: list[float], cancel: CancelToken,
+                        emit: EventHandler) -> torch.Tensor:
+        params = job.params
+        dtype, device = self.dtype, self.device
+        sections = job.record["sections"]
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        def idx(values: tuple[int, ...]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        fixed = {
+            "image_embeds": dev(cond.image_embeds),
+            "indices_latents": idx(layout.indices_latents),
+            # Distilled guidance: the checkpoint embeds g*1000 (DESIGN.md §3).
+            "guidance": torch.tensor([params.distilled_cfg * 1000.0], dtype=dtype, device=device),
+            "latents_clean": dev(context["latents_clean"]),
+            "indices_latents_clean": idx(layout.indices_clean),
+            "latents_history_2x": dev(context["latents_history_2x"]),
+            "indices_latents_history_2x": idx(layout.indices_2x),
+            "latents_history_4x": dev(context["latents_history_4x"]),
+            "indices_latents_history_4x": idx(layout.indices_4x),
+            "return_dict": False,
+        }
+
+        def call(latents: torch.Tensor, sigma: float, text: TextConditioning) -> torch.Tensor:
+            return transformer(
+                hidden_states=dev(latents),
+                timestep=torch.tensor([sigma * 1000.0], device=device, dtype=torch.float32),
+                encoder_hidden_states=dev(text.llama_bld),
+                encoder_attention_mask=dev(text.llama_mask_bl),
+                pooled_projections=dev(text.clip_pooled_bd),
+                **fixed,
+            )[0].float()
+
+        last_x0 = {}
+
+        def velocity(latents: torch.Tensor, sigma: float) -> torch.Tensor:
+            cancel.raise_if_cancelled()  # at most one step of work after Stop
+            latents = latents.to(device)
+            v = call(latents, sigma, cond.text)
+            if cond.negative is not None:
+                v_neg = call(latents, sigma, cond.negative)
+                v = rescale_cfg(v_neg + params.cfg * (v - v_neg), v, params.cfg_rescale)
+            last_x0["x0"] = latents - sigma * v  # the clean-video estimate makes the nicer preview
+            return v
+
+        def on_step(i: int, _latents: torch.Tensor) -> None:
+            emit(StepProgress(layout.number + 1, sections, i + 1, params.steps, time.perf_counter() - job.started,
+                              latent_preview(last_x0["x0"], cond.preview_map)))
+
+        return sample_flow(velocity, noise.to(device), sigmas, params.sampler, on_step)

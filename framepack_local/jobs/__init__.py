@@ -1,0 +1,1 @@
+"""The job store: job folders and section files, mp4 writing, listing past jobs."""

@@ -1,0 +1,115 @@
+"""The form: widget values -> a validated JobParams (one sentence when refused), and back for Reuse."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..engine import schedule
+from ..errors import InputError
+from ..params import MAX_RESOLUTION, MAX_STEPS, MAX_WINDOW, MIN_RESOLUTION, JobParams
+
+MIN_SECONDS_UI, MAX_SECONDS_UI = 1, 120
+RANDOM_SEED_MAX = 2**31 - 1  # stays exact in the browser's JavaScript numbers
+DEFAULTS = JobParams(image="")
+MAX_KEEP_FREE_GB = 128
+# Form fields in the order of the Start endpoint's inputs (also what "reuse settings" fills).
+FORM_FIELDS = (
+    "image", "end_image", "prompt", "seconds", "seed", "steps", "distilled_cfg", "mode", "window", "cfg",
+    "negative_prompt", "cfg_rescale", "resolution", "crf", "memory_profile", "keep_free_gb",
+)
+
+
+def length_line(seconds: Any, window: Any) -> str:
+    """The live line under the length slider: frames and sections the request becomes."""
+    try:
+        seconds, window = float(seconds), int(window)
+        if not (seconds > 0 and window >= 1):
+            raise ValueError
+    except (TypeError, ValueError):
+        return "Choose a length and a window size."
+    n = schedule.section_count(seconds, window)
+    frames = schedule.total_frames(n, window)
+    return (f"{frames} frames = {frames / schedule.FPS:.1f} s at {schedule.FPS} fps, "
+            f"made in {n} section{'s' if n != 1 else ''} of {schedule.VAE_TEMPORAL * window} frames")
+
+
+def _whole(label: str, value: Any, lo: int, hi: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{label} must be a whole number between {lo} and {hi}.") from None
+    if not math.isfinite(number) or number != int(number):
+        raise InputError(f"{label} must be a whole number between {lo} and {hi}.")
+    return int(number)
+
+
+def _real(label: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{label} must be a number.") from None
+    if not math.isfinite(number):
+        raise InputError(f"{label} must be a finite number.")
+    return number
+
+
+def form_to_params(values: dict, models_dir: Path, outputs_dir: Path) -> JobParams:
+    """Form values (by FORM_FIELDS name) -> validated JobParams; InputError with one sentence otherwise."""
+    image = values.get("image")
+    if not image:
+        raise InputError("Choose a start photo first: upload, drop or paste one into the Start photo box.")
+    prompt = values.get("prompt") or ""
+    negative = values.get("negative_prompt") or ""
+    if not isinstance(prompt, str) or not isinstance(negative, str):
+        raise InputError("The prompt must be text.")
+    seed = values.get("seed")
+    if seed is None or seed == "":
+        raise InputError("Enter a seed (a whole number) or press Random.")
+    kwargs: dict[str, Any] = dict(
+        image=str(image),
+        end_image=str(values["end_image"]) if values.get("end_image") else None,
+        prompt=prompt.strip(),
+        seconds=_real("The length", values.get("seconds", DEFAULTS.seconds)),
+        seed=_whole("The seed", seed, 0, 2**63 - 1),
+        steps=_whole("Steps", values.get("steps", DEFAULTS.steps), 1, MAX_STEPS),
+        distilled_cfg=_real("Distilled CFG", values.get("distilled_cfg", DEFAULTS.distilled_cfg)),
+        mode=str(values.get("mode") or DEFAULTS.mode),
+        window=_whole("The window size", values.get("window", DEFAULTS.window), 1, MAX_WINDOW),
+        cfg=_real("Real CFG", values.get("cfg", DEFAULTS.cfg)),
+        negative_prompt=negative,
+        cfg_rescale=_real("CFG rescale", values.get("cfg_rescale", DEFAULTS.cfg_rescale)),
+        resolution=_whole("The resolution", values.get("resolution", DEFAULTS.resolution),
+                          MIN_RESOLUTION, MAX_RESOLUTION),
+        crf=_whole("The mp4 quality (CRF)", values.get("crf", DEFAULTS.crf), 0, 51),
+        models=str(models_dir),
+        outputs=str(outputs_dir),
+    )
+    if not MIN_SECONDS_UI <= kwargs["seconds"] <= MAX_SECONDS_UI:
+        raise InputError(f"The length must be between {MIN_SECONDS_UI} and {MAX_SECONDS_UI} seconds.")
+    kwargs["memory_profile"] = str(values.get("memory_profile") or DEFAULTS.memory_profile)
+    keep_free = values.get("keep_free_gb")
+    keep_free = DEFAULTS.keep_free_gb if keep_free is None or keep_free == "" else _real(
+        "GPU memory to keep free", keep_free)
+    if not 0 <= keep_free <= MAX_KEEP_FREE_GB:
+        raise InputError(f"GPU memory to keep free must be between 0 and {MAX_KEEP_FREE_GB} GB (0 = automatic).")
+    kwargs["keep_free_gb"] = keep_free
+    return JobParams(**kwargs).validate()
+
+
+def params_to_form(params: dict, job_dir: Path | None = None) -> dict:
+    """A job record's params -> form values (the inverse of form_to_params, as far as the form goes)."""
+    out = {}
+    for name in FORM_FIELDS:
+        if name in ("image", "end_image"):
+            continue
+        value = params.get(name, getattr(DEFAULTS, name))
+        out[name] = value if value is not None else getattr(DEFAULTS, name)
+    # The job folder's copy of the photo (cropped to its bucket) is what the page may serve; the
+    # original upload may be gone. Cropping it again to the same bucket keeps it as it is.
+    image = job_dir / "input.png" if job_dir is not None else None
+    out["image"] = str(image) if image is not None and image.is_file() else None
+    end = job_dir / "end_input.png" if job_dir is not None else None
+    out["end_image"] = str(end) if end is not None and end.is_file() else None
+    return out
