@@ -38,7 +38,7 @@ def _fingerprint(folder: Path, compute_dtype: torch.dtype, files: list[Path]) ->
     """Short hash of what the fp8 copy depends on: config, weight files (name, size, first MiB), rule.
 
     A full hash of 26 GB would take minutes; size plus the first MiB (header + first weights) tells
-    re-downloads and different checkpoints apart, like models.model_identity does.
+    re-downloads and different checkpoints apart, like model_folder.model_identity does.
     """
     digest = hashlib.sha256()
     digest.update(f"format={CACHE_FORMAT};compute={compute_dtype};fp8={FP8_DTYPE};".encode())
