@@ -57,8 +57,10 @@ def test_memory_does_not_grow_over_ten_jobs(tiny_model_dir, photo, tmp_path):
         engine.generate(params(tiny_model_dir, photo, tmp_path / "out", seed=i, prompt=f"job {i % 2}"))
         gc.collect()
         rss.append(anon_rss_bytes())
-    # RSS after job 10 within 5% of after job 2 (job 1 pays one-off allocations)
-    assert rss[9] <= rss[1] * 1.05, [r // 2**20 for r in rss]
+    # Job 1 pays one-off allocations. The allocator's transient spikes (+/-50 MB between single jobs,
+    # seen on an unchanged tree) only ever add, while a leak raises the floor: compare the lowest RSS
+    # of jobs 8-10 with the lowest of jobs 2-4.
+    assert min(rss[7:]) <= min(rss[1:4]) * 1.05, [r // 2**20 for r in rss]
 
 
 def test_streamed_text_encoder_matches_the_plain_one(tiny_model_dir):
