@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-rescale", type=_number, default=d.cfg_rescale)
     gen.add_argument("--resolution", type=_whole, default=d.resolution, help="bucket base in px (default 640)")
     gen.add_argument("--crf", type=_whole, default=d.crf, help="mp4 quality, 0 best - 51 worst")
+    gen.add_argument("--cache", choices=["off", "mag", "first-block"], default=d.cache,
+                     help="step cache: skip steps whose output barely changes (default %(default)s)")
+    gen.add_argument("--cache-threshold", type=_number, default=None,
+                     help="cache strength: higher skips more (default: mag 0.1, first-block 0.05)")
+    gen.add_argument("--cache-max-skip", type=_whole, default=d.cache_max_skip,
+                     help="MagCache: most steps skipped in a row (default %(default)s)")
+    gen.add_argument("--cache-retention", type=_number, default=d.cache_retention,
+                     help="MagCache: share of the first steps that always run (default %(default)s)")
     gen.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=d.memory_profile,
                      help="transformer weight storage; auto picks the most exact one that fits")
     gen.add_argument("--keep-free-gb", type=_number, default=d.keep_free_gb,
@@ -97,6 +105,8 @@ def _params(args) -> JobParams:
         steps=args.steps, window=args.window, mode=args.mode, sampler=args.sampler,
         distilled_cfg=args.distilled_cfg, cfg=args.cfg, negative_prompt=args.negative_prompt,
         cfg_rescale=args.cfg_rescale, resolution=args.resolution, crf=args.crf,
+        cache=args.cache, cache_threshold=args.cache_threshold, cache_max_skip=args.cache_max_skip,
+        cache_retention=args.cache_retention,
         memory_profile=args.memory_profile, keep_free_gb=args.keep_free_gb,
         models=args.models, outputs=args.outputs,
     ).validate()

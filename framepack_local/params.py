@@ -17,6 +17,7 @@ DEFAULT_OUTPUTS = APP_ROOT / "outputs"
 MODES = ("inverted", "forward")
 SAMPLERS = ("unipc", "euler")
 MEMORY_PROFILES = ("auto", "bf16", "fp8", "disk")  # same names as memory.plan.PROFILES
+CACHE_MODES = ("off", "mag", "first-block")  # engine/step_cache.py
 
 # Seeds are stored in JSON and fed to torch.Generator.manual_seed; 2**63-1 keeps both exact.
 MAX_SEED = 2**63 - 1
@@ -46,6 +47,11 @@ class JobParams:
     resolution: int = 640
     crf: int = 16
     sampler: str = "unipc"
+    # Step cache (engine/step_cache.py): skipped steps reuse the last residual. None = the mode's default.
+    cache: str = "off"
+    cache_threshold: float | None = None
+    cache_max_skip: int = 2
+    cache_retention: float = 0.2
     # Memory settings change where weights live, never the result (memory/plan.py).
     memory_profile: str = "auto"
     keep_free_gb: float = 0.0
@@ -77,6 +83,12 @@ class JobParams:
             raise InputError(f"Memory profile must be one of {', '.join(MEMORY_PROFILES)}, not {self.memory_profile!r}.")
         if self.sampler not in SAMPLERS:
             raise InputError(f"Sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}.")
+        if self.cache not in CACHE_MODES:
+            raise InputError(f"The step cache must be one of {', '.join(CACHE_MODES)}, not {self.cache!r}.")
+        if self.cache_threshold is not None:
+            _check_number("cache_threshold", self.cache_threshold, 0.0, 1.0, "a step cache threshold")
+        _check_int("cache_max_skip", self.cache_max_skip, 1, MAX_STEPS)
+        _check_number("cache_retention", self.cache_retention, 0.0, 1.0, "the share of first steps never skipped")
         if self.end_image and self.mode != "inverted":
             raise InputError("An end image only works in inverted anti-drift mode; switch the mode or drop the end image.")
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):

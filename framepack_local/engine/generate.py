@@ -23,7 +23,7 @@ import torch
 from ..jobs import store
 from ..memory.plan import JobShape, MemoryPlan, plan as plan_memory
 from ..memory.probe import model_sizes_from_folder, probe
-from . import prompt_cache, schedule
+from . import prompt_cache, schedule, step_cache
 from .encode import (
     TextConditioning, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode, vae_encode,
 )
@@ -163,6 +163,7 @@ class Engine:
         store.ensure_writable(params.outputs_path)
         height, width = schedule.find_bucket(start_image.height, start_image.width, params.resolution)
         sections = schedule.section_count(params.seconds, params.window)
+        self._cache_plan(params)  # a cache that cannot work is refused now
 
         # 2. Job folder: parameters first, so even a crash leaves a record of what was asked.
         job_id, job_dir = store.create_job_dir(params.outputs_path)
@@ -228,6 +229,11 @@ class Engine:
         job = _Job(params, job_dir, record, start_rgb, end_rgb)
         self._claim(job)
         return self._run_guarded(job, saved, on_event, cancel)
+
+    @staticmethod
+    def _cache_plan(params: JobParams) -> step_cache.StepCachePlan:
+        return step_cache.plan_step_cache(params.cache, params.mode, params.steps, params.cache_threshold,
+                                          params.cache_max_skip, params.cache_retention)
 
     # ---- the job
 
@@ -318,18 +324,25 @@ class Engine:
         partial_path = job.job_dir / store.PARTIAL_VIDEO
         for key in ("sampling", "decode", "write"):
             timings[key] = 0.0
+        cache_plan = self._cache_plan(params)
+        record["step_cache"] = cache_plan.record()
+        # One number per section in sampling order: how many steps ran the blocks (positive pass).
+        record["steps_computed"] = list(record.get("steps_computed") or [])[:len(saved)]
+        cache = step_cache.AttachedCache(transformer, cache_plan, params.steps)
         status = "done"
         try:
             for layout in layouts[len(saved):]:
                 t0 = time.perf_counter()
                 emit(StageChanged("sampling", f"Sampling section {layout.number + 1} of {sections}"))
+                cache.new_section()
                 noise = torch.randn(
                     (1, schedule.LATENT_CHANNELS, params.window, height // schedule.VAE_SPATIAL,
                      width // schedule.VAE_SPATIAL), generator=generator)
                 context = history.context(layout, cond.start_latent, cond.end_latent)
                 latents = self._sample_section(transformer, job, layout, context, cond, noise, sigmas, cancel,
-                                               emit).cpu()
+                                               emit, cache).cpu()
                 timings["sampling"] += time.perf_counter() - t0
+                record["steps_computed"].append(cache.steps_computed())
 
                 if inverted and layout.is_last:
                     latents = torch.cat([cond.start_latent, latents], dim=2)
@@ -353,6 +366,10 @@ class Engine:
         except Cancelled:
             status = "stopped"
             logger.info("job %s stopped after %d sections", job.job_id, record["sections_done"])
+        finally:
+            cache.close()
+        # A stopped section's count is not a finished section's.
+        record["steps_computed"] = record["steps_computed"][:record["sections_done"]]
 
         # 7. Final video (stream copy of the finished segments; nothing is re-encoded).
         t0 = time.perf_counter()
@@ -419,7 +436,7 @@ class Engine:
 
     def _sample_section(self, transformer, job: _Job, layout: SectionLayout, context: dict,
                         cond: _Conditioning, noise: torch.Tensor, sigmas: list[float], cancel: CancelToken,
-                        emit: EventHandler) -> torch.Tensor:
+                        emit: EventHandler, cache: step_cache.AttachedCache) -> torch.Tensor:
         params = job.params
         dtype, device = self.dtype, self.device
         sections = job.record["sections"]
@@ -444,24 +461,26 @@ class Engine:
             "return_dict": False,
         }
 
-        def call(latents: torch.Tensor, sigma: float, text: TextConditioning) -> torch.Tensor:
-            return transformer(
-                hidden_states=dev(latents),
-                timestep=torch.tensor([sigma * 1000.0], device=device, dtype=torch.float32),
-                encoder_hidden_states=dev(text.llama_bld),
-                encoder_attention_mask=dev(text.llama_mask_bl),
-                pooled_projections=dev(text.clip_pooled_bd),
-                **fixed,
-            )[0].float()
+        def call(latents: torch.Tensor, sigma: float, text: TextConditioning, pass_name: str) -> torch.Tensor:
+            cache.counting = pass_name == "cond"
+            with cache.pass_context(pass_name):
+                return transformer(
+                    hidden_states=dev(latents),
+                    timestep=torch.tensor([sigma * 1000.0], device=device, dtype=torch.float32),
+                    encoder_hidden_states=dev(text.llama_bld),
+                    encoder_attention_mask=dev(text.llama_mask_bl),
+                    pooled_projections=dev(text.clip_pooled_bd),
+                    **fixed,
+                )[0].float()
 
         last_x0 = {}
 
         def velocity(latents: torch.Tensor, sigma: float) -> torch.Tensor:
             cancel.raise_if_cancelled()  # at most one step of work after Stop
             latents = latents.to(device)
-            v = call(latents, sigma, cond.text)
+            v = call(latents, sigma, cond.text, "cond")
             if cond.negative is not None:
-                v_neg = call(latents, sigma, cond.negative)
+                v_neg = call(latents, sigma, cond.negative, "uncond")
                 v = rescale_cfg(v_neg + params.cfg * (v - v_neg), v, params.cfg_rescale)
             last_x0["x0"] = latents - sigma * v  # the clean-video estimate makes the nicer preview
             return v

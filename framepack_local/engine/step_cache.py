@@ -1,0 +1,170 @@
+"""Step cache: skip transformer evaluations whose output barely changes, with diffusers' own hooks.
+
+Modes (DESIGN.md section 3, "Step cache"):
+- ``"mag"``: MagCache (diffusers ``MagCacheConfig``). Its skip decisions depend only on a per-checkpoint
+  table of magnitude ratios, so the schedule is fixed before the job runs (``planned_computed_steps``).
+- ``"first-block"``: diffusers' FirstBlockCache: the first block always runs, the rest are skipped
+  while its residual changes by less than the threshold (data-dependent, no table needed).
+- ``"off"``: nothing is attached; the engine is exactly what it was without a cache.
+
+diffusers' FramePack pipeline never opens a ``cache_context``; the engine does, one per section and
+per guidance pass (the positive and the negative CFG pass are separate trajectories), and resets the
+cache state at every section (each section is its own denoising run) and detaches it after every job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+
+CACHE_MODES = ("off", "mag", "first-block")
+
+# MagCache ratios of the FramePack F1 checkpoint at 25 UniPC steps, as published by the MagCache
+# authors: Zehong-Ma/MagCache, MagCache4FramePack/magcache_demo_gradio_f1.py, `initialize_magcache`
+# (the leading 1.0 is step 0, which has no previous residual). Other step counts are interpolated
+# with diffusers' nearest_interp, as the reference does.
+FRAMEPACK_F1_MAG_RATIOS = (
+    1.0, 1.25781, 1.08594, 1.02344, 1.00781, 1.02344, 1.00781, 1.02344, 1.05469, 0.99609, 1.03906, 1.00781,
+    1.01562, 1.00781, 1.02344, 1.01562, 0.98047, 1.05469, 0.98047, 0.96875, 1.03125, 0.97266, 0.9375, 0.96484,
+    0.78516,
+)
+SHIPPED_MAG_RATIOS = {"forward": FRAMEPACK_F1_MAG_RATIOS}
+MAG_RATIOS_SOURCE = "Zehong-Ma/MagCache MagCache4FramePack (F1, 25 steps)"
+
+# Defaults: the MagCache authors' FramePack demo (threshold 0.1, K = 2, retention 0.2); FirstBlockCache
+# uses diffusers' default threshold.
+DEFAULT_THRESHOLD = {"mag": 0.1, "first-block": 0.05}
+DEFAULT_MAX_SKIP = 2
+DEFAULT_RETENTION = 0.2
+
+
+@dataclass(frozen=True)
+class StepCachePlan:
+    """What a job's transformer gets: the diffusers config (None when off) and what to record."""
+
+    mode: str
+    threshold: float | None
+    max_skip_steps: int
+    retention_ratio: float
+    mag_ratios: tuple[float, ...] | None
+    ratios_source: str | None
+
+    def record(self) -> dict:
+        return {"mode": self.mode, "threshold": self.threshold, "max_skip_steps": self.max_skip_steps,
+                "retention_ratio": self.retention_ratio, "ratios_source": self.ratios_source,
+                "mag_ratios": list(self.mag_ratios) if self.mag_ratios is not None else None}
+
+
+def interpolate_ratios(ratios: tuple[float, ...], steps: int) -> tuple[float, ...]:
+    """The ratio table at ``steps`` steps (nearest neighbour, diffusers' rule)."""
+    from diffusers.hooks.mag_cache import nearest_interp
+
+    if len(ratios) == steps:
+        return tuple(float(r) for r in ratios)
+    return tuple(float(r) for r in nearest_interp(torch.tensor(ratios, dtype=torch.float64), steps))
+
+
+def plan_step_cache(mode: str, model_mode: str, steps: int, threshold: float | None = None,
+                    max_skip_steps: int = DEFAULT_MAX_SKIP, retention_ratio: float = DEFAULT_RETENTION) -> StepCachePlan:
+    """Pure: the cache settings for a job; InputError with one sentence when they cannot work."""
+    if mode not in CACHE_MODES:
+        raise InputError(f"The step cache must be one of {', '.join(CACHE_MODES)}, not {mode!r}.")
+    if mode == "off":
+        return StepCachePlan("off", None, 0, 0.0, None, None)
+    threshold = DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold)
+    ratios = source = None
+    if mode == "mag":
+        shipped = SHIPPED_MAG_RATIOS.get(model_mode)
+        if shipped is None:
+            raise InputError("MagCache has no published ratios for the inverted model yet; use --cache first-block "
+                             "or --cache off with the inverted model, or MagCache with --mode forward.")
+        ratios, source = interpolate_ratios(shipped, steps), MAG_RATIOS_SOURCE
+    return StepCachePlan(mode, threshold, int(max_skip_steps), float(retention_ratio), ratios, source)
+
+
+def planned_computed_steps(plan: StepCachePlan, steps: int) -> list[bool]:
+    """MagCache's decision for each step of one trajectory (True = the blocks run), as diffusers decides it.
+
+    diffusers' MagCacheHeadHook: no skipping before ``int(retention * steps + 0.5)``; after it the ratios
+    accumulate, and a step is skipped while the accumulated error stays within the threshold and at
+    most ``max_skip_steps`` steps in a row were accumulated; otherwise it computes and the accumulators
+    reset. Step 0 always computes (there is no residual to reuse yet). "off" computes every step;
+    "first-block" is data-dependent and has no plan (None is not returned: every step is listed True).
+    """
+    if plan.mode != "mag":
+        return [True] * steps
+    # The hook holds the table as a float32 tensor and accumulates in float32: so does this copy.
+    table = torch.tensor(plan.mag_ratios, dtype=torch.float32)
+    computed = []
+    retention_step = int(plan.retention_ratio * steps + 0.5)
+    ratio, err, accumulated = 1.0, 0.0, 0
+    for step in range(steps):
+        compute = True
+        if step >= retention_step:
+            ratio = ratio * (table[step] if step < len(table) else 1.0)
+            accumulated += 1
+            err += abs(1.0 - ratio)
+            if step > 0 and bool(err <= plan.threshold) and accumulated <= plan.max_skip_steps:
+                compute = False
+            else:
+                ratio, err, accumulated = 1.0, 0.0, 0
+        computed.append(compute)
+    return computed
+
+
+def _config(plan: StepCachePlan, steps: int):
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
+
+    if plan.mode == "mag":
+        return MagCacheConfig(threshold=plan.threshold, max_skip_steps=plan.max_skip_steps,
+                              retention_ratio=plan.retention_ratio, num_inference_steps=steps,
+                              mag_ratios=list(plan.mag_ratios))
+    return FirstBlockCacheConfig(threshold=plan.threshold)
+
+
+class AttachedCache:
+    """The cache hooks on one job's transformer, and a count of the steps that ran its blocks.
+
+    The count comes from a pre-hook inside the last block, not on the block itself: a skipped step still
+    calls the block module, whose cache hook then returns without running anything below it. Only the
+    positive pass is counted (``counting`` is switched off around the negative CFG pass).
+    """
+
+    def __init__(self, transformer, plan: StepCachePlan, steps: int) -> None:
+        self.transformer = transformer
+        self.plan = plan
+        self.counting = True
+        self._count = 0
+        last_block = transformer.single_transformer_blocks[-1]
+        self._handle = next(last_block.children()).register_forward_pre_hook(self._seen)
+        if plan.mode != "off":
+            transformer.enable_cache(_config(plan, steps))
+
+    def _seen(self, *_args) -> None:
+        if self.counting:
+            self._count += 1
+
+    def new_section(self) -> None:
+        """Every section is its own denoising trajectory: forget the last one's residuals and count anew."""
+        self._count = 0
+        if self.plan.mode != "off":
+            self.transformer._reset_stateful_cache()
+
+    def steps_computed(self) -> int:
+        return self._count
+
+    def pass_context(self, name: str):
+        """The cache context of one guidance pass ("cond" or "uncond"): their states never mix."""
+        if self.plan.mode == "off":
+            return contextlib.nullcontext()
+        return self.transformer.cache_context(name)
+
+    def close(self) -> None:
+        """Detach everything, so the next job (maybe with other settings) starts from a clean model."""
+        self._handle.remove()
+        if self.plan.mode != "off":
+            self.transformer.disable_cache()
