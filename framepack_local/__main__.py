@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import FramePackError
-from .params import DEFAULT_MODELS, DEFAULT_OUTPUTS, JobParams
+from .params import CACHE_MODES, DEFAULT_MODELS, DEFAULT_OUTPUTS, JobParams
 
 logger = logging.getLogger("framepack_local")
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-rescale", type=_number, default=d.cfg_rescale)
     gen.add_argument("--resolution", type=_whole, default=d.resolution, help="bucket base in px (default 640)")
     gen.add_argument("--crf", type=_whole, default=d.crf, help="mp4 quality, 0 best - 51 worst")
-    gen.add_argument("--cache", choices=["off", "mag", "first-block"], default=d.cache,
+    gen.add_argument("--cache", choices=CACHE_MODES, default=d.cache,
                      help="step cache: skip steps whose output barely changes (default %(default)s)")
     gen.add_argument("--cache-threshold", type=_number, default=None,
                      help="cache strength: higher skips more (default: mag 0.1, first-block 0.05)")

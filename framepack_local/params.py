@@ -17,7 +17,7 @@ DEFAULT_OUTPUTS = APP_ROOT / "outputs"
 MODES = ("inverted", "forward")
 SAMPLERS = ("unipc", "euler")
 MEMORY_PROFILES = ("auto", "bf16", "fp8", "disk")  # same names as memory.plan.PROFILES
-CACHE_MODES = ("off", "mag", "first-block")  # engine/step_cache.py
+CACHE_MODES = ("off", "mag", "first-block")  # what they do: engine/step_cache.py
 
 # Seeds are stored in JSON and fed to torch.Generator.manual_seed; 2**63-1 keeps both exact.
 MAX_SEED = 2**63 - 1

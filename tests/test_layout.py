@@ -155,8 +155,8 @@ def test_no_import_cycles(graph):
     assert cycles == []
 
 
-def test_cycle_detection_and_layer_check_can_fail(tmp_path):
-    """The checks above parse real import statements: a planted upward import and cycle are caught."""
+def test_import_parsing_sees_planted_upward_and_self_imports(tmp_path):
+    """The checks above rest on this parsing: a planted upward import and a self-import are resolved."""
     planted = tmp_path / "framepack_local" / "engine"
     planted.mkdir(parents=True)
     (planted / "bad.py").write_text("from ..ui import layout\nfrom . import bad\n", encoding="utf-8")

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-
-CACHE_MODES = ("off", "mag", "first-block")
+from ..params import CACHE_MODES
 
 # MagCache ratios of the FramePack F1 checkpoint at 25 UniPC steps, as published by the MagCache
 # authors: Zehong-Ma/MagCache, MagCache4FramePack/magcache_demo_gradio_f1.py, `initialize_magcache`
@@ -92,8 +91,8 @@ def planned_computed_steps(plan: StepCachePlan, steps: int) -> list[bool]:
     diffusers' MagCacheHeadHook: no skipping before ``int(retention * steps + 0.5)``; after it the ratios
     accumulate, and a step is skipped while the accumulated error stays within the threshold and at
     most ``max_skip_steps`` steps in a row were accumulated; otherwise it computes and the accumulators
-    reset. Step 0 always computes (there is no residual to reuse yet). "off" computes every step;
-    "first-block" is data-dependent and has no plan (None is not returned: every step is listed True).
+    reset. Step 0 always computes (there is no residual to reuse yet). "off" computes every step, and
+    so does this plan for "first-block", whose skips depend on the data and cannot be known ahead.
     """
     if plan.mode != "mag":
         return [True] * steps
