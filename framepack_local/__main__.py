@@ -1,4 +1,4 @@
-"""Command line: generate, resume, make-tiny-model, download.
+"""Command line: generate, resume, calibrate-cache, make-tiny-model, download.
 
 Exit codes: 0 done, 1 stopped by the user, 2 bad input or a failure explained in one sentence.
 """
@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from .errors import FramePackError
-from .params import CACHE_MODES, DEFAULT_MODELS, DEFAULT_OUTPUTS, JobParams
+from .params import ATTENTION_BACKENDS, CACHE_MODES, DEFAULT_MODELS, DEFAULT_OUTPUTS, JobParams
 
 logger = logging.getLogger("framepack_local")
+CALIBRATION_PROMPT = "The person moves naturally, with clear movements, the camera stays still."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MagCache: most steps skipped in a row (default %(default)s)")
     gen.add_argument("--cache-retention", type=_number, default=d.cache_retention,
                      help="MagCache: share of the first steps that always run (default %(default)s)")
+    gen.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d.attention,
+                     help="attention kernel: auto = SageAttention or FlashAttention when installed and the GPU "
+                          "runs them, else PyTorch SDPA (default %(default)s)")
     gen.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=d.memory_profile,
                      help="transformer weight storage; auto picks the most exact one that fits")
     gen.add_argument("--keep-free-gb", type=_number, default=d.keep_free_gb,
@@ -88,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=None)
     res.add_argument("--keep-free-gb", type=_number, default=None)
     res.add_argument("--models", default=None, help="the model folder, if it moved since the job started")
+
+    cal = sub.add_parser("calibrate-cache", help="measure MagCache ratios for this model folder (one uncached section)")
+    cal.add_argument("--mode", choices=["inverted", "forward"], default=d.mode, help="which transformer to measure")
+    cal.add_argument("--steps", type=_whole, default=d.steps, help="step count to calibrate (default %(default)s)")
+    cal.add_argument("--image", default=None, help="photo to sample (default: a built-in test picture)")
+    cal.add_argument("--prompt", default=CALIBRATION_PROMPT)
+    cal.add_argument("--resolution", type=_whole, default=d.resolution, help="bucket base in px (default 640)")
+    cal.add_argument("--seed", type=_whole, default=d.seed)
+    cal.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=d.memory_profile)
+    cal.add_argument("--models", default=str(DEFAULT_MODELS))
+    cal.add_argument("--outputs", default=str(DEFAULT_OUTPUTS))
+    cal.add_argument("--device", default=None)
 
     tiny = sub.add_parser("make-tiny-model", help="build a tiny random-weight model folder (offline, for tests)")
     tiny.add_argument("dir")
@@ -106,7 +122,7 @@ def _params(args) -> JobParams:
         distilled_cfg=args.distilled_cfg, cfg=args.cfg, negative_prompt=args.negative_prompt,
         cfg_rescale=args.cfg_rescale, resolution=args.resolution, crf=args.crf,
         cache=args.cache, cache_threshold=args.cache_threshold, cache_max_skip=args.cache_max_skip,
-        cache_retention=args.cache_retention,
+        cache_retention=args.cache_retention, attention=args.attention,
         memory_profile=args.memory_profile, keep_free_gb=args.keep_free_gb,
         models=args.models, outputs=args.outputs,
     ).validate()
@@ -148,12 +164,38 @@ def _run_job(args, params: JobParams | None, job_dir: Path | None) -> int:
     else:
         result = engine.generate(params, on_event=show, cancel=cancel)
     if result.status == "stopped":
-        print(f"Stopped; the video so far is kept." if result.video_path else "Stopped before any section was done.",
+        print("Stopped; the video so far is kept." if result.video_path else "Stopped before any section was done.",
               file=sys.stderr)
         if result.video_path:
             print(result.video_path)
         return 1
     print(result.video_path)
+    return 0
+
+
+def _calibrate(args) -> int:
+    import tempfile
+
+    from .engine import step_cache
+    from .engine.generate import Engine
+    from .images import calibration_picture
+
+    with tempfile.TemporaryDirectory() as scratch:
+        image = args.image
+        if image is None:
+            image = str(Path(scratch) / "calibration.png")
+            calibration_picture().save(image)
+        params = JobParams(image=image, prompt=args.prompt, steps=args.steps, mode=args.mode, seed=args.seed,
+                           resolution=args.resolution, memory_profile=args.memory_profile,
+                           models=args.models, outputs=args.outputs).validate()
+        result = Engine(device=args.device).calibrate_cache(params)
+    plan = step_cache.plan_step_cache("mag", args.mode, args.steps, calibrated={args.steps: result.ratios})
+    computed = sum(step_cache.planned_computed_steps(plan, args.steps))
+    print(f"MagCache ratios of the {args.mode} transformer at {args.steps} steps:", file=sys.stderr)
+    print(", ".join(f"{r:.5f}" for r in result.ratios), file=sys.stderr)
+    print(f"With them MagCache (default strength) computes {computed} of {args.steps} steps per section; "
+          f"every later MagCache job with this model folder uses them.", file=sys.stderr)
+    print(result.stored)
     return 0
 
 
@@ -195,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "urllib3", "diffusers", "transformers", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"generate": _generate, "resume": _resume, "make-tiny-model": _make_tiny, "download": _download}
+    handlers = {"generate": _generate, "resume": _resume, "calibrate-cache": _calibrate, "make-tiny-model": _make_tiny,
+                "download": _download}
     try:
         return handlers[args.command](args)
     except FramePackError as exc:

@@ -44,6 +44,7 @@ class StepProgress:
     steps: int
     elapsed_s: float
     preview_rgb: np.ndarray  # (H, W, 3) uint8 cheap latent preview of the current window
+    computed: int | None = None  # steps of this section that ran the full transformer so far (step cache)
 
 
 @dataclass(frozen=True)

@@ -245,3 +245,15 @@ def cover_resize_crop(image: Image.Image, height: int, width: int) -> np.ndarray
     out = np.array(cropped, dtype=np.uint8)
     assert out.shape == (height, width, 3), out.shape
     return out
+
+
+def calibration_picture(width: int = 832, height: int = 480) -> Image.Image:
+    """A fixed photo-like test picture (soft gradient sky, ground, a round subject) for runs that need
+    an image but not the user's: the MagCache calibration measures the transformer, not the photo."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    sky = np.stack([0.45 + 0.3 * y / height, 0.6 + 0.2 * y / height, np.full_like(y, 0.9)], axis=-1)
+    ground = np.stack([0.35 + 0.1 * x / width, 0.5 - 0.1 * y / height, np.full_like(y, 0.25)], axis=-1)
+    rgb = np.where((y > height * 0.62)[..., None], ground, sky)
+    subject = (x - width * 0.5) ** 2 + (y - height * 0.45) ** 2 < (height * 0.22) ** 2
+    rgb[subject] = (0.85, 0.62, 0.5)
+    return Image.fromarray((rgb.clip(0, 1) * 255).astype(np.uint8))

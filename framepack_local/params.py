@@ -18,6 +18,17 @@ MODES = ("inverted", "forward")
 SAMPLERS = ("unipc", "euler")
 MEMORY_PROFILES = ("auto", "bf16", "fp8", "disk")  # same names as memory.plan.PROFILES
 CACHE_MODES = ("off", "mag", "first-block")  # what they do: engine/step_cache.py
+# A threshold of None means these: the MagCache authors' FramePack demo, and diffusers' FirstBlockCache default.
+CACHE_DEFAULT_THRESHOLD = {"mag": 0.1, "first-block": 0.05}
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage")  # engine/attention.py
+# The page's "Speed" choice, as step cache settings. Balanced is the MagCache authors' FramePack demo
+# (threshold 0.1, K = 2, retention 0.2); fast is their README's stronger setting "E015K4R02"
+# (Zehong-Ma/MagCache, MagCache4FramePack/README.md).
+SPEED_PRESETS = {
+    "off": {"cache": "off", "cache_threshold": None, "cache_max_skip": 2, "cache_retention": 0.2},
+    "balanced": {"cache": "mag", "cache_threshold": 0.1, "cache_max_skip": 2, "cache_retention": 0.2},
+    "fast": {"cache": "mag", "cache_threshold": 0.15, "cache_max_skip": 4, "cache_retention": 0.2},
+}
 
 # Seeds are stored in JSON and fed to torch.Generator.manual_seed; 2**63-1 keeps both exact.
 MAX_SEED = 2**63 - 1
@@ -47,11 +58,14 @@ class JobParams:
     resolution: int = 640
     crf: int = 16
     sampler: str = "unipc"
-    # Step cache (engine/step_cache.py): skipped steps reuse the last residual. None = the mode's default.
-    cache: str = "off"
+    # Step cache (engine/step_cache.py): skipped steps reuse the last residual. MagCache by default, as
+    # every peer runs a step cache by default; cache_threshold None = the mode's default.
+    cache: str = "mag"
     cache_threshold: float | None = None
     cache_max_skip: int = 2
     cache_retention: float = 0.2
+    # Attention kernel: auto = SageAttention or FlashAttention when installed and the GPU runs it, else SDPA.
+    attention: str = "auto"
     # Memory settings change where weights live, never the result (memory/plan.py).
     memory_profile: str = "auto"
     keep_free_gb: float = 0.0
@@ -89,6 +103,9 @@ class JobParams:
             _check_number("cache_threshold", self.cache_threshold, 0.0, 1.0, "a step cache threshold")
         _check_int("cache_max_skip", self.cache_max_skip, 1, MAX_STEPS)
         _check_number("cache_retention", self.cache_retention, 0.0, 1.0, "the share of first steps never skipped")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise InputError(f"The attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"not {self.attention!r}.")
         if self.end_image and self.mode != "inverted":
             raise InputError("An end image only works in inverted anti-drift mode; switch the mode or drop the end image.")
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -109,6 +126,19 @@ class JobParams:
     @property
     def outputs_path(self) -> Path:
         return Path(self.outputs)
+
+
+def speed_of(settings: dict) -> str | None:
+    """The Speed preset these step cache settings are, or None for custom ones."""
+    if settings.get("cache") == "off":
+        return "off"
+    for name, preset in SPEED_PRESETS.items():
+        threshold = settings.get("cache_threshold")
+        if name != "off" and settings.get("cache") == preset["cache"] and (
+                preset["cache_threshold"] == (CACHE_DEFAULT_THRESHOLD["mag"] if threshold is None else threshold)) and all(
+                settings.get(k) == preset[k] for k in ("cache_max_skip", "cache_retention")):
+            return name
+    return None
 
 
 def _is_real(value) -> bool:

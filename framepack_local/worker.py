@@ -69,6 +69,7 @@ class WorkerState:
     sections: int
     step: int  # 1-based step within the section
     steps: int
+    computed: int | None  # steps of the current section that ran the full transformer (step cache)
     sections_done: int
     elapsed_s: float
     eta_s: float | None  # None until the first step has been timed
@@ -122,6 +123,7 @@ class _Live:
     sections: int = 0
     step: int = 0
     steps: int = 0
+    computed: int | None = None
     sections_done: int = 0
     started: float | None = None  # time.monotonic()
     ended: float | None = None
@@ -259,7 +261,7 @@ class Worker:
                 status=live.status, status_text=live.status_text, key=live.key, job_id=live.job_id,
                 job_dir=live.job_dir, description=live.description, stage=live.stage,
                 section=live.section, sections=live.sections, step=live.step, steps=live.steps,
-                sections_done=live.sections_done, elapsed_s=elapsed, eta_s=self._eta(live, now),
+                computed=live.computed, sections_done=live.sections_done, elapsed_s=elapsed, eta_s=self._eta(live, now),
                 preview_rgb=live.preview_rgb, partial_video=live.partial_video, final_video=live.final_video,
                 error=live.error, notices=live.notices,
                 queue=tuple(QueuedJob(t.key, t.kind, t.description) for t in self._queue),
@@ -451,7 +453,7 @@ class Worker:
                     live.steps_timed += 1
                 live.last_step_at = now
                 live.section, live.sections = event.section, event.sections
-                live.step, live.steps = event.step, event.steps
+                live.step, live.steps, live.computed = event.step, event.steps, event.computed
                 live.preview_rgb = event.preview_rgb
             elif isinstance(event, SectionFinished):
                 live.sections_done = event.section

@@ -28,7 +28,8 @@ from framepack_local.worker import QueuedJob, Worker, WorkerState  # noqa: E402
 def form(photo, **changes):
     values = dict(image=str(photo), end_image=None, prompt="  waves roll in ", seconds=5, seed=31337.0, steps=25,
                   distilled_cfg=10, mode="inverted", window=9, cfg=1, negative_prompt="", cfg_rescale=0,
-                  resolution=640, crf=16, memory_profile="auto", keep_free_gb=0)
+                  resolution=640, crf=16, memory_profile="auto", keep_free_gb=0, cache="mag", cache_threshold=0.1,
+                  cache_max_skip=2, cache_retention=0.2, attention="auto")
     values.update(changes)
     return values
 
@@ -68,6 +69,10 @@ def test_form_to_params(photo, tmp_path):
     (dict(memory_profile="huge"), "Memory profile"),
     (dict(resolution=8), "resolution"),
     (dict(cfg=0.5), "cfg"),
+    (dict(cache="tea"), "step cache"),
+    (dict(cache_threshold=2), "cache_threshold"),
+    (dict(cache_max_skip=0.5), "skipped in a row"),
+    (dict(attention="xformers"), "attention"),
 ])
 def test_bad_form_values_give_one_sentence(photo, tmp_path, changes, words):
     with pytest.raises(InputError) as info:
@@ -82,6 +87,23 @@ def test_length_line():
     assert forms.length_line(None, 9) == "Choose a length and a window size."
     line = forms.length_line(120, 9)
     assert "100 sections" in line and "3601 frames" in line
+
+
+def test_speed_choice_sets_the_step_cache_fields_and_reuse_finds_it_again(photo, tmp_path):
+    assert forms.speed_settings("off")[0] == "off"
+    assert forms.speed_settings("balanced") == ("mag", 0.1, 2, 0.2)
+    fast = forms.form_to_params(form(photo, **dict(zip(("cache", "cache_threshold", "cache_max_skip", "cache_retention"),
+                                                       forms.speed_settings("fast")))), tmp_path, tmp_path)
+    assert (fast.cache, fast.cache_threshold, fast.cache_max_skip) == ("mag", 0.15, 4)
+    assert forms.params_to_form(fast.to_dict())["speed"] == "fast"
+    assert forms.params_to_form(JobParams(image="x").to_dict())["speed"] == "balanced"  # the default
+    assert forms.params_to_form(fast.replace(cache_max_skip=3).to_dict())["speed"] is None  # custom
+    # A record from before the step cache ran uncached: Reuse says so rather than turning it on.
+    old = {k: v for k, v in fast.to_dict().items() if not k.startswith("cache") and k != "attention"}
+    reused = forms.params_to_form(old)
+    assert (reused["cache"], reused["attention"], reused["speed"]) == ("off", "sdpa", "off")
+    empty = forms.form_to_params(form(photo, cache_threshold=None), tmp_path, tmp_path)
+    assert empty.cache_threshold is None  # the mode's default
 
 
 def test_params_to_form_round_trip(photo, tmp_path):
@@ -101,7 +123,7 @@ def test_params_to_form_round_trip(photo, tmp_path):
 def state(**kw):
     base = dict(status="running", status_text="Sampling section 2 of 5", key="job-1", job_id="20250101-000000-abcdef",
                 job_dir=Path("/x"), description="“waves”, 5 s, inverted, seed 1", stage="sampling", section=2,
-                sections=5, step=3, steps=10, sections_done=1, elapsed_s=83.0, eta_s=250.0,
+                sections=5, step=3, steps=10, computed=None, sections_done=1, elapsed_s=83.0, eta_s=250.0,
                 preview_rgb=np.zeros((6, 8, 3), np.uint8), partial_video=None, final_video=None, error=None,
                 notices=(), queue=(), version=1)
     base.update(kw)
@@ -117,6 +139,9 @@ def test_progress_html_running():
     loading = render.progress_html(state(section=0, step=0, status_text="Loading models"))
     assert "Loading models" in loading and "Section" not in loading
     assert "Stopping after the current step" in render.progress_html(state(status="stopping"))
+    # The step cache's count: shown once a step was reused, never when every step ran.
+    assert "12 of 25 steps computed" in render.progress_html(state(step=25, steps=25, computed=12))
+    assert "steps computed" not in render.progress_html(state(step=3, computed=3))
 
 
 def test_progress_html_end_states_and_escaping():
@@ -282,7 +307,8 @@ def test_history_reuse_and_resume(page, photo):
     assert video.endswith("video.mp4") and resume_btn["interactive"] is False and reuse_btn["interactive"] is True
 
     values = page.reuse(job_id)
-    filled = dict(zip(forms.FORM_FIELDS, values[:-1]))
+    filled = dict(zip(forms.FORM_FIELDS, values[:-2]))
+    assert len(values) == len(forms.FORM_FIELDS) + 2 and values[-2] == forms.params_to_form(filled)["speed"]
     assert values[-1] == f"Settings of {job_id} are in the form."
     assert filled["prompt"] == "a boat <on> the lake" and filled["seed"] == 4242 and filled["steps"] == 3
     assert filled["image"].endswith(f"{job_id}/input.png") and filled["resolution"] == 64

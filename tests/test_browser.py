@@ -141,3 +141,21 @@ def test_too_large_upload_is_refused_with_a_sentence(server, context, tmp_path):
     assert "50" in text and ("size" in text.lower() or "large" in text.lower()), text
     assert page.locator("#start_image img").count() == 0
     assert server.alive()
+
+
+def test_speed_choice_fills_the_step_cache_settings(server, context):
+    page = open_page(context, server.url)
+    assert page.locator("#speed input[value=balanced]").is_checked()  # MagCache is on by default
+    page.locator("#advanced .label-wrap").click()
+    threshold = page.locator("#cache_threshold input[type=number]")
+    threshold.wait_for(state="visible")
+    assert float(threshold.input_value()) == 0.1
+    page.locator("#speed label", has_text="Fast").click()
+    page.wait_for_function("() => document.querySelector('#cache_threshold input').value === '0.15'")
+    assert page.locator("#cache_max_skip input[type=number]").input_value() == "4"
+    set_number(page, "cache_max_skip", 3)  # no preset has that: Speed shows none
+    page.wait_for_function("() => !document.querySelector('#speed input:checked')")
+    page.locator("#speed label", has_text="Off").click()
+    page.wait_for_function("() => document.querySelector('#cache input').value === 'Off'")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "speed-settings.png"), full_page=True)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from framepack_local.engine import step_cache
+from framepack_local.engine import mag_ratios, step_cache
 from framepack_local.engine.generate import Engine
 from framepack_local.errors import InputError
 from framepack_local.events import CancelToken, SectionFinished
 from framepack_local.jobs import store
 from framepack_local.params import JobParams
-from framepack_local.weights.model_folder import load_part
+from framepack_local.weights.model_folder import load_part, model_identity
 from transformer_inputs import tiny_inputs
 
 
@@ -20,14 +22,16 @@ def mag(steps=25, **kw):
 
 
 def test_plan_defaults_refusals_and_interpolation():
+    assert JobParams(image="x").cache == "mag"  # on by default, as in every peer
     plan = mag()
     assert (plan.threshold, plan.max_skip_steps, plan.retention_ratio) == (0.1, 2, 0.2)
-    assert plan.mag_ratios == step_cache.FRAMEPACK_F1_MAG_RATIOS and "MagCache4FramePack" in plan.ratios_source
+    assert plan.mag_ratios == mag_ratios.FRAMEPACK_F1_MAG_RATIOS and "MagCache4FramePack" in plan.ratios_source
+    inverted = step_cache.plan_step_cache("mag", "inverted", 25)
+    assert inverted.mag_ratios == mag_ratios.FRAMEPACK_INVERTED_MAG_RATIOS and "FramePack-Studio" in inverted.ratios_source
     assert len(mag(steps=10).mag_ratios) == 10 and mag(steps=10).mag_ratios[-1] == 0.78516
+    assert "interpolated to 10" in mag(steps=10).ratios_source
     assert step_cache.plan_step_cache("off", "inverted", 25).record()["mode"] == "off"
     assert step_cache.plan_step_cache("first-block", "inverted", 25).threshold == 0.05
-    with pytest.raises(InputError, match="no published ratios for the inverted model"):
-        step_cache.plan_step_cache("mag", "inverted", 25)
     with pytest.raises(InputError, match="must be one of"):
         step_cache.plan_step_cache("tea", "forward", 25)
     with pytest.raises(InputError, match="step cache"):
@@ -100,7 +104,7 @@ def job(models, photo, outputs, **kw):
 
 def test_engine_records_steps_computed_positive_pass_only_and_zero_threshold_changes_nothing(tiny_model_dir, photo, tmp_path):
     engine = Engine(device="cpu")
-    off = engine.generate(job(tiny_model_dir, photo, tmp_path / "off"))
+    off = engine.generate(job(tiny_model_dir, photo, tmp_path / "off", cache="off"))
     zero = engine.generate(job(tiny_model_dir, photo, tmp_path / "zero", cache="mag", cache_threshold=0.0))
     # Real CFG on the cached job as well: only the positive pass is counted in steps_computed.
     cached = engine.generate(job(tiny_model_dir, photo, tmp_path / "mag", cache="mag", cfg=3.0, negative_prompt="blur"))
@@ -136,15 +140,17 @@ def test_stop_and_resume_with_the_cache_is_bit_identical(tiny_model_dir, photo, 
     assert store.read_record(resumed.job_dir)["steps_computed"] == store.read_record(clean.job_dir)["steps_computed"]
 
 
-def test_first_block_cache_runs_and_inverted_mag_is_refused_before_any_file(tiny_model_dir, photo, tmp_path):
+def test_first_block_cache_and_inverted_mag_follow_their_rules(tiny_model_dir, photo, tmp_path):
     engine = Engine(device="cpu")
     result = engine.generate(job(tiny_model_dir, photo, tmp_path / "fb", cache="first-block", mode="inverted"))
     record = store.read_record(result.job_dir)
     assert record["status"] == "done" and record["step_cache"]["mode"] == "first-block"
     assert all(1 <= n <= 10 for n in record["steps_computed"])
-    with pytest.raises(InputError, match="inverted model"):
-        engine.generate(job(tiny_model_dir, photo, tmp_path / "refused", cache="mag", mode="inverted"))
-    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    inverted = engine.generate(job(tiny_model_dir, photo, tmp_path / "inv", mode="inverted", steps=25))
+    record = store.read_record(inverted.job_dir)
+    planned = sum(step_cache.planned_computed_steps(step_cache.plan_step_cache("mag", "inverted", 25), 25))
+    assert record["step_cache"]["mode"] == "mag" and record["steps_computed"] == [planned] * record["sections"]
+    assert planned < 25
 
 
 def test_skipped_steps_onload_no_streamed_block(tiny_model_dir, monkeypatch):
@@ -176,3 +182,44 @@ def test_skipped_steps_onload_no_streamed_block(tiny_model_dir, monkeypatch):
             cache.close()
         assert sum(onloads) == sum(computed) * len(blocks)  # every block, once per computed step, no more
     assert sum(computed) == sum(step_cache.planned_computed_steps(plan, 25)) < 25
+
+
+def test_calibration_is_stored_per_transformer_and_preferred_by_later_jobs_but_not_by_resumes(
+        tiny_model_dir, photo, tmp_path, capsys):
+    import shutil
+
+    from framepack_local.__main__ import main
+
+    models = tmp_path / "models"  # a copy: the session's model folder must stay uncalibrated
+    shutil.copytree(tiny_model_dir, models)
+    engine = Engine(device="cpu")
+    # A job stopped after its first section, with the shipped ratios.
+    params = job(models, photo, tmp_path / "out", steps=10, seconds=0.8)
+    cancel = CancelToken()
+    stopped = engine.generate(params, on_event=lambda e: isinstance(e, SectionFinished) and cancel.cancel(),
+                              cancel=cancel)
+    shipped = store.read_record(stopped.job_dir)["step_cache"]
+    assert shipped["ratios_source"].startswith("shipped")
+
+    # The CLI measures the F1 transformer at 10 steps, uncached, and stores the ratios by fingerprint.
+    assert main(["calibrate-cache", "--mode", "forward", "--steps", "10", "--resolution", "64", "--device", "cpu",
+                 "--models", str(models), "--outputs", str(tmp_path / "out")]) == 0
+    stored = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    fingerprint = model_identity(models)["parts"]["transformer_f1"]["weights_fingerprint"]
+    assert stored == mag_ratios.store_path(models, fingerprint) and stored.is_file()
+    calibrated = mag_ratios.load_calibrated(models, fingerprint)[10]
+    assert len(calibrated) == 10 and calibrated[0] == 1.0 and calibrated != mag(steps=10).mag_ratios
+    assert mag_ratios.load_calibrated(models, model_identity(models)["parts"]["transformer"]["weights_fingerprint"]) == {}
+    calibration_job = max((tmp_path / "out").iterdir())
+    assert store.read_record(calibration_job)["steps_computed"] == [10]  # nothing skipped while measuring
+
+    # A new job uses the calibration; the stopped job resumes with the ratios it started with.
+    fresh = store.read_record(engine.generate(params.replace(seconds=0.5)).job_dir)
+    assert fresh["step_cache"]["ratios_source"] == "calibrated on this model folder (10 steps)"
+    assert tuple(fresh["step_cache"]["mag_ratios"]) == calibrated
+    plan = step_cache.plan_step_cache("mag", "forward", 10, calibrated={10: calibrated})
+    assert fresh["steps_computed"] == [sum(step_cache.planned_computed_steps(plan, 10))] * fresh["sections"]
+    resumed = store.read_record(engine.resume(stopped.job_dir).job_dir)
+    assert resumed["step_cache"]["mag_ratios"] == shipped["mag_ratios"]
+    # Another step count interpolates the nearest calibration.
+    assert mag_ratios.choose("forward", 20, {10: calibrated}).source.endswith("(10 steps, interpolated to 20)")

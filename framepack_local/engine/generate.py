@@ -23,7 +23,7 @@ import torch
 from ..jobs import store
 from ..memory.plan import JobShape, MemoryPlan, plan as plan_memory
 from ..memory.probe import model_sizes_from_folder, probe
-from . import prompt_cache, schedule, step_cache
+from . import attention, mag_ratios, prompt_cache, schedule, step_cache
 from .encode import (
     TextConditioning, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode, vae_encode,
 )
@@ -32,7 +32,7 @@ from ..events import (
     CancelToken, EventHandler, JobFinished, JobStarted, Notice, SectionFinished, StageChanged, StepProgress,
 )
 from ..images import cover_resize_crop, load_image
-from ..weights.model_folder import LoadedModels, check_model_folder, load_part, model_identity
+from ..weights.model_folder import MODE_PARTS, LoadedModels, check_model_folder, load_part, model_identity
 from ..params import JobParams
 from ..memory.residency import ModelManager
 from .sampler import rescale_cfg, sample_flow
@@ -51,6 +51,13 @@ class JobResult:
     job_id: str
     job_dir: Path
     video_path: Path | None
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    job: JobResult
+    ratios: tuple[float, ...]  # one per step, as diffusers' MagCache measured them
+    stored: Path  # where later jobs with this transformer find them
 
 
 @dataclass
@@ -155,6 +162,22 @@ class Engine:
         self, params: JobParams, on_event: EventHandler | None = None, cancel: CancelToken | None = None
     ) -> JobResult:
         """Run a new job. Bad input raises a FramePackError before any file is written."""
+        return self._new_job(params, on_event, cancel, calibrate=False)
+
+    def calibrate_cache(
+        self, params: JobParams, on_event: EventHandler | None = None, cancel: CancelToken | None = None
+    ) -> CalibrationResult:
+        """Sample one section uncached under diffusers' MagCache calibration and store the ratios it
+        measured for this model folder's transformer and step count; later MagCache jobs use them."""
+        one_section = schedule.VAE_TEMPORAL * params.window / schedule.FPS
+        result = self._new_job(params.replace(seconds=one_section, cache="off"), on_event, cancel, calibrate=True)
+        record = store.read_record(result.job_dir)
+        found = record.get("mag_calibration")
+        if result.status != "done" or not found:
+            raise InputError("The calibration was stopped before its section finished; nothing was stored.")
+        return CalibrationResult(result, tuple(found["ratios"]), Path(found["stored"]))
+
+    def _new_job(self, params: JobParams, on_event, cancel, calibrate: bool) -> JobResult:
         # 1. Everything that can be wrong with the request is found before any file is written.
         params.validate()
         check_model_folder(params.models_path, params.mode)
@@ -181,7 +204,7 @@ class Engine:
         save_png(job_dir / store.INPUT_IMAGE, job.start_rgb)
         if job.end_rgb is not None:
             save_png(job_dir / store.END_IMAGE, job.end_rgb)
-        return self._run_guarded(job, [], on_event, cancel)
+        return self._run_guarded(job, [], on_event, cancel, calibrate)
 
     RESUME_OVERRIDES = ("memory_profile", "keep_free_gb", "models", "outputs")
 
@@ -205,6 +228,9 @@ class Engine:
             raise InputError(f"The job {record.get('job_id')} is still running in another FramePack Local process "
                              f"(pid {record.get('pid')}); stop it there first.")
         saved_params = dict(record["params"])
+        # A record without these predates them: it ran uncached, on SDPA.
+        saved_params.setdefault("cache", "off")
+        saved_params.setdefault("attention", "sdpa")
         unknown = set(overrides or {}) - set(self.RESUME_OVERRIDES)
         if unknown:
             raise InputError(f"Only the memory settings and folders can change on resume, not {sorted(unknown)}.")
@@ -231,9 +257,18 @@ class Engine:
         return self._run_guarded(job, saved, on_event, cancel)
 
     @staticmethod
-    def _cache_plan(params: JobParams) -> step_cache.StepCachePlan:
-        return step_cache.plan_step_cache(params.cache, params.mode, params.steps, params.cache_threshold,
-                                          params.cache_max_skip, params.cache_retention)
+    def _cache_plan(params: JobParams, record: dict | None = None, resumed: bool = False,
+                    calibrate: bool = False) -> step_cache.StepCachePlan:
+        """The job's step cache: calibrated ratios of its transformer beat shipped ones; a resumed job
+        keeps the ratios it started with (bit-identical even if a calibration happened in between)."""
+        calibrated = {}
+        if record is not None and params.cache == "mag":
+            part = (record.get("models") or {}).get("parts", {}).get(MODE_PARTS[params.mode], {})
+            calibrated = mag_ratios.load_calibrated(params.models_path, part.get("weights_fingerprint"))
+        return step_cache.plan_step_cache(
+            step_cache.CALIBRATE if calibrate else params.cache, params.mode, params.steps, params.cache_threshold,
+            params.cache_max_skip, params.cache_retention, calibrated=calibrated,
+            recorded=(record or {}).get("step_cache") if resumed else None)
 
     # ---- the job
 
@@ -242,9 +277,9 @@ class Engine:
         job.record.update(status="running", pid=os.getpid(), host=socket.gethostname(), error=None)
         job.save()
 
-    def _run_guarded(self, job: _Job, saved: list, on_event, cancel) -> JobResult:
+    def _run_guarded(self, job: _Job, saved: list, on_event, cancel, calibrate: bool = False) -> JobResult:
         try:
-            return self._run(job, saved, on_event or (lambda event: None), cancel or CancelToken())
+            return self._run(job, saved, on_event or (lambda event: None), cancel or CancelToken(), calibrate)
         except FramePackError as exc:
             self._fail(job, str(exc))
             raise
@@ -273,7 +308,7 @@ class Engine:
         except (OSError, FramePackError):  # e.g. the folder is gone: the sentence still reaches the caller
             logger.warning("could not record the failure of job %s", job.job_id)
 
-    def _run(self, job: _Job, saved: list, emit: EventHandler, cancel: CancelToken) -> JobResult:
+    def _run(self, job: _Job, saved: list, emit: EventHandler, cancel: CancelToken, calibrate: bool) -> JobResult:
         params, record, timings = job.params, job.record, job.timings
         height, width, sections = record["height"], record["width"], record["sections"]
         layouts = schedule.section_layouts(sections, params.window, params.mode, job.end_rgb is not None)
@@ -324,11 +359,17 @@ class Engine:
         partial_path = job.job_dir / store.PARTIAL_VIDEO
         for key in ("sampling", "decode", "write"):
             timings[key] = 0.0
-        cache_plan = self._cache_plan(params)
+        cache_plan = self._cache_plan(params, record, resumed=bool(saved), calibrate=calibrate)
         record["step_cache"] = cache_plan.record()
+        if cache_plan.ratios_source:
+            logger.info("MagCache ratios: %s", cache_plan.ratios_source)
         # One number per section in sampling order: how many steps ran the blocks (positive pass).
         record["steps_computed"] = list(record.get("steps_computed") or [])[:len(saved)]
         cache = step_cache.AttachedCache(transformer, cache_plan, params.steps)
+        kernel = attention.ActiveAttention(
+            transformer, attention.choose(params.attention, attention.unavailable_reasons(self.device)),
+            lambda sentence: emit(Notice(sentence)))
+        record["attention"] = kernel.record(params.attention)
         status = "done"
         try:
             for layout in layouts[len(saved):]:
@@ -340,9 +381,12 @@ class Engine:
                      width // schedule.VAE_SPATIAL), generator=generator)
                 context = history.context(layout, cond.start_latent, cond.end_latent)
                 latents = self._sample_section(transformer, job, layout, context, cond, noise, sigmas, cancel,
-                                               emit, cache).cpu()
+                                               emit, cache, kernel).cpu()
                 timings["sampling"] += time.perf_counter() - t0
                 record["steps_computed"].append(cache.steps_computed())
+                record["attention"] = kernel.record(params.attention)  # a fallback happens at the first call
+                if calibrate:
+                    self._store_calibration(job, cache)
 
                 if inverted and layout.is_last:
                     latents = torch.cat([cond.start_latent, latents], dim=2)
@@ -368,6 +412,7 @@ class Engine:
             logger.info("job %s stopped after %d sections", job.job_id, record["sections_done"])
         finally:
             cache.close()
+            kernel.close()
         # A stopped section's count is not a finished section's.
         record["steps_computed"] = record["steps_computed"][:record["sections_done"]]
 
@@ -387,6 +432,17 @@ class Engine:
         job.save()
         emit(JobFinished(status, job.job_dir, video_path, timings["total"]))
         return JobResult(status, job.job_id, job.job_dir, video_path)
+
+    @staticmethod
+    def _store_calibration(job: _Job, cache: step_cache.AttachedCache) -> None:
+        params, ratios = job.params, cache.calibration_ratios()
+        fingerprint = job.record["models"].get("parts", {}).get(MODE_PARTS[params.mode], {}).get("weights_fingerprint")
+        if not fingerprint or not ratios or len(ratios) != params.steps:
+            raise InputError("The transformer's blocks could not be measured for calibration; nothing was stored.")
+        path = mag_ratios.store_calibrated(params.models_path, fingerprint, ratios, job.job_id)
+        job.record["mag_calibration"] = {"ratios": [round(r, 5) for r in ratios], "stored": str(path),
+                                         "fingerprint": fingerprint}
+        logger.info("MagCache calibration of %s at %d steps stored in %s", MODE_PARTS[params.mode], params.steps, path)
 
     def _condition(self, job: _Job, mgr: ModelManager, emit: EventHandler) -> _Conditioning:
         """4. Text and 5. image conditioning (recomputed on resume: all of it is deterministic)."""
@@ -436,7 +492,8 @@ class Engine:
 
     def _sample_section(self, transformer, job: _Job, layout: SectionLayout, context: dict,
                         cond: _Conditioning, noise: torch.Tensor, sigmas: list[float], cancel: CancelToken,
-                        emit: EventHandler, cache: step_cache.AttachedCache) -> torch.Tensor:
+                        emit: EventHandler, cache: step_cache.AttachedCache,
+                        kernel: attention.ActiveAttention) -> torch.Tensor:
         params = job.params
         dtype, device = self.dtype, self.device
         sections = job.record["sections"]
@@ -464,14 +521,14 @@ class Engine:
         def call(latents: torch.Tensor, sigma: float, text: TextConditioning, pass_name: str) -> torch.Tensor:
             cache.counting = pass_name == "cond"
             with cache.pass_context(pass_name):
-                return transformer(
+                return kernel.call(lambda: transformer(
                     hidden_states=dev(latents),
                     timestep=torch.tensor([sigma * 1000.0], device=device, dtype=torch.float32),
                     encoder_hidden_states=dev(text.llama_bld),
                     encoder_attention_mask=dev(text.llama_mask_bl),
                     pooled_projections=dev(text.clip_pooled_bd),
                     **fixed,
-                )[0].float()
+                )[0].float())
 
         last_x0 = {}
 
@@ -487,6 +544,6 @@ class Engine:
 
         def on_step(i: int, _latents: torch.Tensor) -> None:
             emit(StepProgress(layout.number + 1, sections, i + 1, params.steps, time.perf_counter() - job.started,
-                              latent_preview(last_x0["x0"], cond.preview_map)))
+                              latent_preview(last_x0["x0"], cond.preview_map), cache.steps_computed()))
 
         return sample_flow(velocity, noise.to(device), sigmas, params.sampler, on_step)

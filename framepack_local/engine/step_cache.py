@@ -15,30 +15,23 @@ cache state at every section (each section is its own denoising run) and detache
 from __future__ import annotations
 
 import contextlib
+import io
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
-from ..params import CACHE_MODES
-
-# MagCache ratios of the FramePack F1 checkpoint at 25 UniPC steps, as published by the MagCache
-# authors: Zehong-Ma/MagCache, MagCache4FramePack/magcache_demo_gradio_f1.py, `initialize_magcache`
-# (the leading 1.0 is step 0, which has no previous residual). Other step counts are interpolated
-# with diffusers' nearest_interp, as the reference does.
-FRAMEPACK_F1_MAG_RATIOS = (
-    1.0, 1.25781, 1.08594, 1.02344, 1.00781, 1.02344, 1.00781, 1.02344, 1.05469, 0.99609, 1.03906, 1.00781,
-    1.01562, 1.00781, 1.02344, 1.01562, 0.98047, 1.05469, 0.98047, 0.96875, 1.03125, 0.97266, 0.9375, 0.96484,
-    0.78516,
-)
-SHIPPED_MAG_RATIOS = {"forward": FRAMEPACK_F1_MAG_RATIOS}
-MAG_RATIOS_SOURCE = "Zehong-Ma/MagCache MagCache4FramePack (F1, 25 steps)"
+from ..params import CACHE_DEFAULT_THRESHOLD, CACHE_MODES
+from . import mag_ratios
 
 # Defaults: the MagCache authors' FramePack demo (threshold 0.1, K = 2, retention 0.2); FirstBlockCache
 # uses diffusers' default threshold.
-DEFAULT_THRESHOLD = {"mag": 0.1, "first-block": 0.05}
+DEFAULT_THRESHOLD = CACHE_DEFAULT_THRESHOLD
 DEFAULT_MAX_SKIP = 2
 DEFAULT_RETENTION = 0.2
+# The internal mode of a calibration run (``Engine.calibrate_cache``): diffusers' MagCache measures the
+# ratios and never skips. Not a user choice, so not in CACHE_MODES.
+CALIBRATE = "calibrate"
 
 
 @dataclass(frozen=True)
@@ -58,18 +51,16 @@ class StepCachePlan:
                 "mag_ratios": list(self.mag_ratios) if self.mag_ratios is not None else None}
 
 
-def interpolate_ratios(ratios: tuple[float, ...], steps: int) -> tuple[float, ...]:
-    """The ratio table at ``steps`` steps (nearest neighbour, diffusers' rule)."""
-    from diffusers.hooks.mag_cache import nearest_interp
-
-    if len(ratios) == steps:
-        return tuple(float(r) for r in ratios)
-    return tuple(float(r) for r in nearest_interp(torch.tensor(ratios, dtype=torch.float64), steps))
-
-
 def plan_step_cache(mode: str, model_mode: str, steps: int, threshold: float | None = None,
-                    max_skip_steps: int = DEFAULT_MAX_SKIP, retention_ratio: float = DEFAULT_RETENTION) -> StepCachePlan:
-    """Pure: the cache settings for a job; InputError with one sentence when they cannot work."""
+                    max_skip_steps: int = DEFAULT_MAX_SKIP, retention_ratio: float = DEFAULT_RETENTION,
+                    calibrated: dict | None = None, recorded: dict | None = None) -> StepCachePlan:
+    """Pure: the cache settings for a job; InputError with one sentence when they cannot work.
+
+    ``calibrated`` are this model folder's calibrations by step count (mag_ratios.load_calibrated);
+    ``recorded`` is a resumed job's step_cache record, whose ratios win so the result stays bit-identical.
+    """
+    if mode == CALIBRATE:
+        return StepCachePlan(CALIBRATE, None, 0, 0.0, None, None)
     if mode not in CACHE_MODES:
         raise InputError(f"The step cache must be one of {', '.join(CACHE_MODES)}, not {mode!r}.")
     if mode == "off":
@@ -77,11 +68,11 @@ def plan_step_cache(mode: str, model_mode: str, steps: int, threshold: float | N
     threshold = DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold)
     ratios = source = None
     if mode == "mag":
-        shipped = SHIPPED_MAG_RATIOS.get(model_mode)
-        if shipped is None:
-            raise InputError("MagCache has no published ratios for the inverted model yet; use --cache first-block "
-                             "or --cache off with the inverted model, or MagCache with --mode forward.")
-        ratios, source = interpolate_ratios(shipped, steps), MAG_RATIOS_SOURCE
+        if recorded and recorded.get("mode") == "mag" and len(recorded.get("mag_ratios") or ()) == steps:
+            ratios, source = tuple(float(r) for r in recorded["mag_ratios"]), recorded.get("ratios_source")
+        else:
+            chosen = mag_ratios.choose(model_mode, steps, calibrated)
+            ratios, source = chosen.ratios, chosen.source
     return StepCachePlan(mode, threshold, int(max_skip_steps), float(retention_ratio), ratios, source)
 
 
@@ -122,6 +113,8 @@ def _config(plan: StepCachePlan, steps: int):
         return MagCacheConfig(threshold=plan.threshold, max_skip_steps=plan.max_skip_steps,
                               retention_ratio=plan.retention_ratio, num_inference_steps=steps,
                               mag_ratios=list(plan.mag_ratios))
+    if plan.mode == CALIBRATE:
+        return MagCacheConfig(calibrate=True, num_inference_steps=steps)
     return FirstBlockCacheConfig(threshold=plan.threshold)
 
 
@@ -138,6 +131,7 @@ class AttachedCache:
         self.plan = plan
         self.counting = True
         self._count = 0
+        self._calibration: list | None = None
         last_block = transformer.single_transformer_blocks[-1]
         self._handle = next(last_block.children()).register_forward_pre_hook(self._seen)
         if plan.mode != "off":
@@ -150,6 +144,7 @@ class AttachedCache:
     def new_section(self) -> None:
         """Every section is its own denoising trajectory: forget the last one's residuals and count anew."""
         self._count = 0
+        self._calibration = None
         if self.plan.mode != "off":
             self.transformer._reset_stateful_cache()
 
@@ -160,10 +155,35 @@ class AttachedCache:
         """The cache context of one guidance pass ("cond" or "uncond"): their states never mix."""
         if self.plan.mode == "off":
             return contextlib.nullcontext()
+        if self.plan.mode == CALIBRATE and name == "cond":
+            return self._calibrating(name)
         return self.transformer.cache_context(name)
+
+    @contextlib.contextmanager
+    def _calibrating(self, name: str):
+        # diffusers prints "copy these values" to stdout; the engine stores them itself, and the CLI's
+        # stdout carries only the result path.
+        with self.transformer.cache_context(name), contextlib.redirect_stdout(io.StringIO()):
+            yield
+        # diffusers appends each step's ratio to one list and swaps in a fresh list after the last
+        # step; holding the list seen after step 1 keeps the whole trajectory's ratios.
+        if self._calibration is None:
+            self._calibration = _mag_state(self.transformer, name).calibration_ratios
+
+    def calibration_ratios(self) -> list[float] | None:
+        """The ratios diffusers measured over the section just sampled (calibration runs only)."""
+        return None if self._calibration is None else [float(r) for r in self._calibration]
 
     def close(self) -> None:
         """Detach everything, so the next job (maybe with other settings) starts from a clean model."""
         self._handle.remove()
         if self.plan.mode != "off":
             self.transformer.disable_cache()
+
+
+def _mag_state(transformer, context_name: str):
+    """diffusers' MagCache state of one context (the tail block's hook holds the shared state manager)."""
+    from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
+
+    registry = transformer.single_transformer_blocks[-1]._diffusers_hook
+    return registry.get_hook(_MAG_CACHE_BLOCK_HOOK).state_manager._state_cache[context_name]

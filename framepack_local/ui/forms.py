@@ -8,7 +8,7 @@ from typing import Any
 
 from ..engine import schedule
 from ..errors import InputError
-from ..params import MAX_RESOLUTION, MAX_STEPS, MAX_WINDOW, MIN_RESOLUTION, JobParams
+from ..params import MAX_RESOLUTION, MAX_STEPS, MAX_WINDOW, MIN_RESOLUTION, SPEED_PRESETS, JobParams, speed_of
 
 MIN_SECONDS_UI, MAX_SECONDS_UI = 1, 120
 RANDOM_SEED_MAX = 2**31 - 1  # stays exact in the browser's JavaScript numbers
@@ -18,6 +18,7 @@ MAX_KEEP_FREE_GB = 128
 FORM_FIELDS = (
     "image", "end_image", "prompt", "seconds", "seed", "steps", "distilled_cfg", "mode", "window", "cfg",
     "negative_prompt", "cfg_rescale", "resolution", "crf", "memory_profile", "keep_free_gb",
+    "cache", "cache_threshold", "cache_max_skip", "cache_retention", "attention",
 )
 
 
@@ -95,7 +96,29 @@ def form_to_params(values: dict, models_dir: Path, outputs_dir: Path) -> JobPara
     if not 0 <= keep_free <= MAX_KEEP_FREE_GB:
         raise InputError(f"GPU memory to keep free must be between 0 and {MAX_KEEP_FREE_GB} GB (0 = automatic).")
     kwargs["keep_free_gb"] = keep_free
+    kwargs["cache"] = str(values.get("cache") or DEFAULTS.cache)
+    threshold = values.get("cache_threshold")
+    kwargs["cache_threshold"] = None if threshold is None or threshold == "" else _real("The cache threshold", threshold)
+    kwargs["cache_max_skip"] = _whole("Most steps skipped in a row", values.get("cache_max_skip", DEFAULTS.cache_max_skip),
+                                      1, MAX_STEPS)
+    kwargs["cache_retention"] = _real("The share of first steps that always run",
+                                      values.get("cache_retention", DEFAULTS.cache_retention))
+    kwargs["attention"] = str(values.get("attention") or DEFAULTS.attention)
     return JobParams(**kwargs).validate()
+
+
+def speed_choice(cache, threshold, max_skip, retention) -> str | None:
+    """The Speed preset that step cache fields amount to (None: custom settings)."""
+    return speed_of({"cache": cache, "cache_threshold": threshold, "cache_max_skip": max_skip,
+                     "cache_retention": retention})
+
+
+def speed_settings(speed: str | None) -> tuple:
+    """The step cache fields (cache, threshold, max skip, retention) a Speed choice sets."""
+    preset = SPEED_PRESETS.get(speed or "")
+    if preset is None:
+        return (None,) * 4
+    return tuple(preset[k] for k in ("cache", "cache_threshold", "cache_max_skip", "cache_retention"))
 
 
 def params_to_form(params: dict, job_dir: Path | None = None) -> dict:
@@ -104,8 +127,10 @@ def params_to_form(params: dict, job_dir: Path | None = None) -> dict:
     for name in FORM_FIELDS:
         if name in ("image", "end_image"):
             continue
-        value = params.get(name, getattr(DEFAULTS, name))
-        out[name] = value if value is not None else getattr(DEFAULTS, name)
+        # A record without the step cache or attention settings predates them: it ran uncached, on SDPA.
+        value = params.get(name, {"cache": "off", "attention": "sdpa"}.get(name, getattr(DEFAULTS, name)))
+        out[name] = value if value is not None or name == "cache_threshold" else getattr(DEFAULTS, name)
+    out["speed"] = speed_of(out)
     # The job folder's copy of the photo (cropped to its bucket) is what the page may serve; the
     # original upload may be gone. Cropping it again to the same bucket keeps it as it is.
     image = job_dir / "input.png" if job_dir is not None else None

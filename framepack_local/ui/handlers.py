@@ -60,12 +60,10 @@ class Page:
 
     # --- jobs ---
 
-    def start(self, image, end_image, prompt, seconds, seed, steps, distilled_cfg, mode, window, cfg,
-              negative_prompt, cfg_rescale, resolution, crf, memory_profile, keep_free_gb) -> tuple[str, str]:
-        """Queue a job from the form. Returns (message, ticket); the ticket is "" when refused."""
-        values = dict(zip(FORM_FIELDS, (image, end_image, prompt, seconds, seed, steps, distilled_cfg, mode,
-                                        window, cfg, negative_prompt, cfg_rescale, resolution, crf,
-                                        memory_profile, keep_free_gb)))
+    def start(self, *form_values) -> tuple[str, str]:
+        """Queue a job from the form (values in FORM_FIELDS order; API callers may leave off trailing
+        ones, which keep their defaults). Returns (message, ticket); the ticket is "" when refused."""
+        values = dict(zip(FORM_FIELDS, form_values))
         try:
             params = form_to_params(values, self.models_dir, self.outputs_dir)
             complete, _ = models_report(self.models_dir, params.mode)
@@ -139,20 +137,20 @@ class Page:
         return f"Resuming {job_id} as {key}."
 
     def reuse(self, job_id: str | None) -> tuple:
-        """Form values from a past job's job.json (in FORM_FIELDS order), plus a message."""
+        """Form values from a past job's job.json (in FORM_FIELDS order), its Speed choice, and a message."""
         try:
             job_dir = self._job_dir(job_id)
             record = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
             params = record.get("params") if isinstance(record.get("params"), dict) else {}
         except FramePackError as exc:
             _warn(str(exc))
-            return tuple(gr.skip() for _ in FORM_FIELDS) + (f"⚠️ {exc}",)
+            return tuple(gr.skip() for _ in FORM_FIELDS) + (gr.skip(), f"⚠️ {exc}")
         except (OSError, ValueError):
             message = f"The record of job {job_id} cannot be read."
             _warn(message)
-            return tuple(gr.skip() for _ in FORM_FIELDS) + (f"⚠️ {message}",)
+            return tuple(gr.skip() for _ in FORM_FIELDS) + (gr.skip(), f"⚠️ {message}")
         form = params_to_form(params, job_dir)
-        return tuple(form[name] for name in FORM_FIELDS) + (f"Settings of {job_id} are in the form.",)
+        return tuple(form[name] for name in FORM_FIELDS) + (form["speed"], f"Settings of {job_id} are in the form.")
 
     def history(self) -> tuple[Any, Any, list[str]]:
         """(gallery items, job dropdown update, job ids in gallery order)."""

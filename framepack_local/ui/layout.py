@@ -7,10 +7,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..params import MAX_RESOLUTION, MAX_STEPS, MAX_WINDOW, MEMORY_PROFILES, MIN_RESOLUTION
+from ..params import (
+    ATTENTION_BACKENDS, MAX_RESOLUTION, MAX_STEPS, MAX_WINDOW, MEMORY_PROFILES, MIN_RESOLUTION, speed_of,
+)
 from ..worker import Worker
 from .downloads import DownloadManager
-from .forms import DEFAULTS, MAX_KEEP_FREE_GB, MAX_SECONDS_UI, MIN_SECONDS_UI, RANDOM_SEED_MAX, length_line
+from .forms import (
+    DEFAULTS, FORM_FIELDS, MAX_KEEP_FREE_GB, MAX_SECONDS_UI, MIN_SECONDS_UI, RANDOM_SEED_MAX, length_line,
+    speed_choice, speed_settings,
+)
 from .handlers import POLL_OUTPUTS, Page
 from .render import header_html, history_details, models_report, preview_html, progress_html, queue_html
 
@@ -21,6 +26,14 @@ MEMORY_LABELS = {
     "fp8": "fp8: half the RAM",
     "disk": "disk: least RAM (memory-mapped)",
 }
+ATTENTION_LABELS = {
+    "auto": "auto (SageAttention or FlashAttention when installed, else SDPA)",
+    "sdpa": "PyTorch SDPA",
+    "flash": "FlashAttention 2",
+    "sage": "SageAttention",
+}
+SPEED_HELP = ("Skips sampling steps whose result barely changes (MagCache). Balanced runs about 13 of 25 steps, "
+              "fast about 10; off runs every step. Exact settings under Advanced.")
 MODE_HELP = (
     "**Inverted anti-drift**: samples from the end of the video back to your photo, so long videos stay "
     "consistent (recommended).  \n"
@@ -103,6 +116,8 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                 steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS.steps, step=1, label="Steps", elem_id="steps")
                 distilled_cfg = gr.Slider(1, 32, value=DEFAULTS.distilled_cfg, step=0.1, label="Distilled CFG",
                                           elem_id="distilled_cfg")
+                speed = gr.Radio([("Off (exact)", "off"), ("Balanced", "balanced"), ("Fast", "fast")],
+                                 value=speed_of(DEFAULTS.to_dict()), label="Speed", info=SPEED_HELP, elem_id="speed")
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                     mode = gr.Radio([("Inverted anti-drift", "inverted"), ("Forward (F1)", "forward")],
                                     value=DEFAULTS.mode, label="Mode", elem_id="mode")
@@ -120,6 +135,22 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                                            label="Resolution (bucket base, px)", elem_id="resolution")
                     crf = gr.Slider(0, 51, value=DEFAULTS.crf, step=1, label="MP4 quality (CRF; lower = better)",
                                     elem_id="crf")
+                    with gr.Row():
+                        cache = gr.Dropdown([("MagCache", "mag"), ("First-block cache", "first-block"),
+                                             ("Off", "off")], value=DEFAULTS.cache, label="Step cache",
+                                            elem_id="cache")
+                        cache_threshold = gr.Number(value=speed_settings("balanced")[1], minimum=0, maximum=1,
+                                                    label="Cache threshold (higher skips more)",
+                                                    elem_id="cache_threshold")
+                    with gr.Row():
+                        cache_max_skip = gr.Slider(1, 10, value=DEFAULTS.cache_max_skip, step=1,
+                                                   label="MagCache: most steps skipped in a row",
+                                                   elem_id="cache_max_skip")
+                        cache_retention = gr.Slider(0, 1, value=DEFAULTS.cache_retention, step=0.05,
+                                                    label="MagCache: share of first steps that always run",
+                                                    elem_id="cache_retention")
+                    attention = gr.Dropdown([(ATTENTION_LABELS[a], a) for a in ATTENTION_BACKENDS],
+                                            value=DEFAULTS.attention, label="Attention", elem_id="attention")
                     with gr.Row():
                         memory_profile = gr.Dropdown(
                             [(MEMORY_LABELS.get(p, p), p) for p in MEMORY_PROFILES], value=DEFAULTS.memory_profile,
@@ -166,7 +197,9 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
         timer = gr.Timer(POLL_SECONDS)
 
         form = [image, end_image, prompt, seconds, seed, steps, distilled_cfg, mode, window, cfg, negative_prompt,
-                cfg_rescale, resolution, crf, memory_profile, keep_free_gb]
+                cfg_rescale, resolution, crf, memory_profile, keep_free_gb, cache, cache_threshold, cache_max_skip,
+                cache_retention, attention]
+        assert len(form) == len(FORM_FIELDS)
         poll_outputs = [progress, preview, partial_video, final_video, queue_table, queue_pick, stop_btn, gallery,
                         history_pick, history_ids, models_md, models_group, download_box, shown]
         assert len(poll_outputs) == len(POLL_OUTPUTS)
@@ -190,7 +223,12 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
         history_pick.change(page.select_history, inputs=[history_pick],
                             outputs=[details, history_video, resume_btn, reuse_btn], api_name="history_select",
                             **hidden)
-        reuse_btn.click(page.reuse, inputs=[history_pick], outputs=form + [message], api_name="reuse", **hidden)
+        reuse_btn.click(page.reuse, inputs=[history_pick], outputs=form + [speed, message], api_name="reuse", **hidden)
+        # .input, not .change: only the user's choice sets the fields (Reuse sets both, in step).
+        cache_fields = [cache, cache_threshold, cache_max_skip, cache_retention]
+        speed.input(speed_settings, inputs=[speed], outputs=cache_fields, **private)
+        for field in cache_fields:  # an edited setting shows which preset it is now (none: custom)
+            field.input(speed_choice, inputs=cache_fields, outputs=[speed], **private)
         resume_btn.click(page.resume, inputs=[history_pick, memory_profile, keep_free_gb], outputs=[message],
                          api_name="resume", **hidden)
 

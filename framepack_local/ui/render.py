@@ -65,8 +65,10 @@ def progress_html(state: WorkerState | None) -> str:
     line2 = esc(state.description)
     if state.running:
         if state.sections and state.step:
+            computed = ("" if state.computed is None or state.computed >= state.step
+                        else f" · {state.computed} of {state.step} steps computed")  # the rest reused (step cache)
             head = (f"<b>Section {state.section} of {state.sections}</b> · step {state.step} of {state.steps}"
-                    f" · {_clock(state.elapsed_s)} elapsed · "
+                    f"{computed} · {_clock(state.elapsed_s)} elapsed · "
                     + (f"about {_clock(state.eta_s)} left" if state.eta_s is not None else "estimating time left…"))
         else:
             head = f"<b>{esc(state.status_text)}</b> · {_clock(state.elapsed_s)} elapsed"
@@ -193,6 +195,7 @@ def system_html(models_dir: Path, outputs_dir: Path) -> str:
             rows.append(("GPU", "none found (runs on the CPU: only practical with the tiny demo model)"))
     except Exception as exc:  # noqa: BLE001 - a broken driver must not break the page
         rows.append(("GPU", f"could not be queried ({type(exc).__name__})"))
+    rows.append(("Attention", attention_text()))
     try:
         import psutil
 
@@ -214,6 +217,21 @@ def system_html(models_dir: Path, outputs_dir: Path) -> str:
         body += (f'<tr><th>Memory plan<br><small>(default job)</small></th>'
                  f'<td><pre class="fpl-plan">{html.escape(plan)}</pre></td></tr>')
     return f'<table class="fpl-system">{body}</table>'
+
+
+def attention_text() -> str:
+    """What "auto" attention picks on this machine, and why the faster kernels are not used."""
+    try:
+        from ..engine import attention
+        from ..engine.generate import default_device
+
+        reasons = attention.unavailable_reasons(default_device())
+        chosen = attention.choose("auto", reasons).backend
+    except Exception as exc:  # noqa: BLE001 - the panel must render even if the probe breaks
+        return f"could not be checked ({type(exc).__name__})"
+    names = {"sdpa": "PyTorch SDPA", "flash": "FlashAttention 2", "sage": "SageAttention"}
+    missing = "; ".join(f"{names[k]}: {why}" for k, why in reasons.items() if why)
+    return f"auto uses {names[chosen]}" + (f" ({missing})" if missing else "")
 
 
 def memory_plan_text(models_dir: Path, outputs_dir: Path) -> str | None:
