@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from framepack_local.engine.generate import Engine  # noqa: E402
 from framepack_local.errors import InputError  # noqa: E402
 from framepack_local.jobs import store  # noqa: E402
-from framepack_local.params import JobParams  # noqa: E402
+from framepack_local.params import SPEED_PRESETS, JobParams  # noqa: E402
 from framepack_local.weights.tiny import make_tiny_model  # noqa: E402
 
-CONFIGS = [("off", None), ("mag", None), ("first-block", None)]
+# The page's Speed presets (params.SPEED_PRESETS) and diffusers' FirstBlockCache at its default threshold.
+CONFIGS = {**{name: preset for name, preset in SPEED_PRESETS.items()}, "first-block": {"cache": "first-block"}}
 
 
 def main() -> None:
@@ -52,12 +53,11 @@ def main() -> None:
         base = JobParams(image=str(photo), prompt="waves", seconds=args.seconds, window=args.window,
                          steps=args.steps, resolution=args.resolution, mode=mode, models=str(models))
         engine.generate(base.replace(outputs=str(work / "warmup")))  # loads the models once
-        times: dict[str, list[float]] = {name: [] for name, _ in CONFIGS}
+        times: dict[str, list[float]] = {name: [] for name in CONFIGS}
         computed: dict[str, list[int]] = {}
         for repeat in range(args.repeats):
-            for name, threshold in CONFIGS:
-                params = base.replace(cache=name, cache_threshold=threshold,
-                                      outputs=str(work / f"{mode}-{name}-{repeat}"))
+            for name, settings in CONFIGS.items():
+                params = base.replace(**settings, outputs=str(work / f"{mode}-{name}-{repeat}"))
                 t0 = time.perf_counter()
                 try:
                     result = engine.generate(params)
@@ -69,11 +69,11 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
                 computed[name] = store.read_record(result.job_dir)["steps_computed"]
         off = statistics.median(times["off"])
-        for name, _ in CONFIGS:
+        for name in CONFIGS:
             per_section = computed.get(name) or []
             median = statistics.median(times[name])
             rows.append({
-                "mode": mode, "cache": name, "steps": args.steps, "steps_computed": per_section,
+                "mode": mode, "speed": name, "cache": CONFIGS[name]["cache"], "steps": args.steps, "steps_computed": per_section,
                 "fraction_computed": round(sum(per_section) / (args.steps * len(per_section)), 3) if per_section else None,
                 "median_s": round(median, 2), "time_vs_off": round(median / off, 3) if per_section else None,
             })

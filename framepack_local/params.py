@@ -33,6 +33,7 @@ SPEED_PRESETS = {
 # Seeds are stored in JSON and fed to torch.Generator.manual_seed; 2**63-1 keeps both exact.
 MAX_SEED = 2**63 - 1
 MAX_SECONDS = 120.0
+MAX_STORYBOARD = 64  # timed prompts, and keyframes, per job
 MAX_STEPS = 100
 MAX_WINDOW = 33
 MIN_RESOLUTION = 64
@@ -44,8 +45,13 @@ class JobParams:
     """Everything that decides a job's result. Build by keyword; call validate() before use."""
 
     image: str
-    prompt: str = ""
+    prompt: str = ""  # in force from 0 s until the first timed prompt
     end_image: str | None = None
+    # Storyboard (engine/storyboard.py): (seconds, prompt) and (seconds, image path) pairs; tuples, so the
+    # params stay frozen and hashable (lists from JSON are turned into tuples).
+    timed_prompts: tuple = ()
+    keyframes: tuple = ()
+    prompt_blend: int = 0  # sections over which a prompt change blends in
     seconds: float = 5.0
     seed: int = 31337
     steps: int = 25
@@ -72,6 +78,12 @@ class JobParams:
     models: str = str(DEFAULT_MODELS)
     outputs: str = str(DEFAULT_OUTPUTS)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in ("timed_prompts", "keyframes"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in value))
 
     def replace(self, **changes) -> "JobParams":
         return dataclasses.replace(self, **changes)
@@ -106,6 +118,7 @@ class JobParams:
         if self.attention not in ATTENTION_BACKENDS:
             raise InputError(f"The attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"not {self.attention!r}.")
+        self._validate_storyboard()
         if self.end_image and self.mode != "inverted":
             raise InputError("An end image only works in inverted anti-drift mode; switch the mode or drop the end image.")
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -113,6 +126,35 @@ class JobParams:
         if not self.image:
             raise InputError("No start image was given; choose a photo to animate.")
         return self
+
+    def _validate_storyboard(self) -> None:
+        """Shapes and types; times against the video's sections are checked by the section plan."""
+        for name, what, kind in (("timed_prompts", "prompt", str), ("keyframes", "image", str)):
+            entries = getattr(self, name)
+            if not isinstance(entries, tuple):
+                raise InputError(f"{name} must be a list of (seconds, {what}) pairs.")
+            if len(entries) > MAX_STORYBOARD:
+                raise InputError(f"At most {MAX_STORYBOARD} {what}s fit in one storyboard, not {len(entries)}.")
+            for entry in entries:
+                if not (isinstance(entry, tuple) and len(entry) == 2 and _is_real(entry[0])
+                        and isinstance(entry[1], kind)):
+                    raise InputError(f"Each entry of {name} must be a (seconds, {what}) pair, not {entry!r}.")
+                if name == "keyframes" and not entry[1]:
+                    raise InputError(f"The keyframe at {entry[0]:g} s has no image; choose one or remove the row.")
+        _check_int("prompt_blend", self.prompt_blend, 0, 16)
+
+    @property
+    def sorted_keyframes(self) -> tuple:
+        return tuple(sorted(self.keyframes, key=lambda kv: kv[0]))
+
+    @property
+    def prompts(self) -> list[str]:
+        """The base prompt, then each timed prompt (the storyboard's prompt indices)."""
+        return [self.prompt] + [text for _, text in self.timed_prompts]
+
+    @property
+    def has_storyboard(self) -> bool:
+        return bool(self.timed_prompts or self.keyframes)
 
     @property
     def uses_real_cfg(self) -> bool:

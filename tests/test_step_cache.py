@@ -223,3 +223,15 @@ def test_calibration_is_stored_per_transformer_and_preferred_by_later_jobs_but_n
     assert resumed["step_cache"]["mag_ratios"] == shipped["mag_ratios"]
     # Another step count interpolates the nearest calibration.
     assert mag_ratios.choose("forward", 20, {10: calibrated}).source.endswith("(10 steps, interpolated to 20)")
+
+
+@pytest.mark.parametrize("profile", ["fp8", "disk"])
+def test_cache_schedule_and_determinism_hold_on_fp8_and_disk_storage(tiny_model_dir, photo, tmp_path, profile):
+    engine = Engine(device="cpu")
+    params = job(tiny_model_dir, photo, tmp_path / "a", memory_profile=profile, cache="mag")
+    first = engine.generate(params)
+    again = engine.generate(params.replace(outputs=str(tmp_path / "b")))
+    record = store.read_record(first.job_dir)
+    assert record["memory_plan"]["transformer_storage"] == profile
+    assert record["steps_computed"] == [sum(step_cache.planned_computed_steps(mag(steps=10), 10))] * record["sections"]
+    assert torch.equal(store.job_latents(first.job_dir, "forward"), store.job_latents(again.job_dir, "forward"))

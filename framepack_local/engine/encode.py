@@ -27,6 +27,23 @@ class TextConditioning:
     truncated: bool
 
 
+def blend_text(old: TextConditioning, new: TextConditioning, weight: float) -> TextConditioning:
+    """Text conditioning part way from one prompt to another (storyboard blending).
+
+    Both LLaMA sequences are already padded to the same 512 slots with zeros, prompt first; the blend is
+    slot by slot, and a slot counts (mask) when either prompt has a token there. So the shorter prompt
+    fades out of the slots only the longer one uses. CLIP's pooled vector blends the same way.
+    """
+    w = float(weight)
+    return TextConditioning(
+        llama_bld=old.llama_bld * (1.0 - w) + new.llama_bld * w,
+        llama_mask_bl=torch.maximum(old.llama_mask_bl, new.llama_mask_bl),
+        clip_pooled_bd=old.clip_pooled_bd * (1.0 - w) + new.clip_pooled_bd * w,
+        prompt_tokens=max(old.prompt_tokens, new.prompt_tokens),
+        truncated=old.truncated or new.truncated,
+    )
+
+
 def template_crop_start(tokenizer) -> int:
     """Tokens of the template before the user's text (95 with the real LLaMA-3 tokenizer, BOS included)."""
     preamble = PROMPT_TEMPLATE.split("{}")[0]

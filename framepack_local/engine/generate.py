@@ -23,9 +23,10 @@ import torch
 from ..jobs import store
 from ..memory.plan import JobShape, MemoryPlan, plan as plan_memory
 from ..memory.probe import model_sizes_from_folder, probe
-from . import attention, mag_ratios, prompt_cache, schedule, step_cache
+from . import attention, mag_ratios, prompt_cache, schedule, step_cache, storyboard
 from .encode import (
-    TextConditioning, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode, vae_encode,
+    TextConditioning, blend_text, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode,
+    vae_encode,
 )
 from ..errors import Cancelled, FramePackError, GpuMemoryError, InputError, OutputFolderError
 from ..events import (
@@ -37,7 +38,6 @@ from ..params import JobParams
 from ..memory.residency import ModelManager
 from .sampler import rescale_cfg, sample_flow
 from .history import PackedHistory
-from .schedule import SectionLayout
 from .stitch import Stitcher
 from ..files import save_png
 from ..jobs.video import SegmentedVideo
@@ -69,6 +69,8 @@ class _Job:
     record: dict
     start_rgb: np.ndarray
     end_rgb: np.ndarray | None
+    keyframe_rgbs: list[np.ndarray]  # the storyboard's keyframes by time, cropped to the bucket
+    plans: list[storyboard.SectionPlan]
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -85,12 +87,28 @@ class _Job:
 
 @dataclass
 class _Conditioning:
-    text: TextConditioning
+    texts: list[TextConditioning]  # per prompt index (params.prompts)
     negative: TextConditioning | None
-    image_embeds: torch.Tensor
-    start_latent: torch.Tensor  # (1, 16, 1, h, w) float32 on the CPU
-    end_latent: torch.Tensor | None
+    keyframe_embeds: list[torch.Tensor]  # SigLIP, per keyframe: start photo, user keyframes, end frame
+    keyframe_latents: list[torch.Tensor]  # (1, 16, 1, h, w) float32 on the CPU, same order
     preview_map: torch.Tensor
+
+    @property
+    def start_latent(self) -> torch.Tensor:
+        return self.keyframe_latents[0]
+
+    def text_for(self, plan: storyboard.SectionPlan) -> TextConditioning:
+        text = self.texts[plan.prompt]
+        return text if plan.prompt_from is None else blend_text(self.texts[plan.prompt_from], text, plan.blend)
+
+    def image_embeds_for(self, plan: storyboard.SectionPlan) -> torch.Tensor:
+        # A stretch sees its two keyframes equally, as the start and end frame are weighted in diffusers'
+        # first/last-frame pipeline; summed then divided, so one keyframe pair gives today's numbers.
+        embeds = [self.keyframe_embeds[i] for i in plan.image_keyframes]
+        total = embeds[0]
+        for extra in embeds[1:]:
+            total = total + extra
+        return total / len(embeds) if len(embeds) > 1 else total
 
 
 def _write_failure(job_dir: Path, exc: OSError) -> str:
@@ -186,6 +204,8 @@ class Engine:
         store.ensure_writable(params.outputs_path)
         height, width = schedule.find_bucket(start_image.height, start_image.width, params.resolution)
         sections = schedule.section_count(params.seconds, params.window)
+        plans = self.section_plan(params, end_image is not None)
+        keyframes = [load_image(path, what=f"keyframe image at {t:g} s") for t, path in params.sorted_keyframes]
         self._cache_plan(params)  # a cache that cannot work is refused now
 
         # 2. Job folder: parameters first, so even a crash leaves a record of what was asked.
@@ -198,12 +218,17 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""), "timings_s": {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if params.has_storyboard:
+            record["storyboard"] = storyboard.record(params)
         job = _Job(params, job_dir, record, cover_resize_crop(start_image, height, width),
-                   cover_resize_crop(end_image, height, width) if end_image is not None else None)
+                   cover_resize_crop(end_image, height, width) if end_image is not None else None,
+                   [cover_resize_crop(k, height, width) for k in keyframes], plans)
         self._claim(job)
         save_png(job_dir / store.INPUT_IMAGE, job.start_rgb)
         if job.end_rgb is not None:
             save_png(job_dir / store.END_IMAGE, job.end_rgb)
+        for i, rgb in enumerate(job.keyframe_rgbs, 1):
+            save_png(job_dir / store.KEYFRAME_IMAGE.format(i), rgb)
         return self._run_guarded(job, [], on_event, cancel, calibrate)
 
     RESUME_OVERRIDES = ("memory_profile", "keep_free_gb", "models", "outputs")
@@ -243,6 +268,9 @@ class Engine:
         end_rgb = None
         if params.end_image:
             end_rgb = np.array(load_image(job_dir / store.END_IMAGE, what="saved end image"))
+        keyframe_rgbs = [np.array(load_image(job_dir / store.KEYFRAME_IMAGE.format(i), what="saved keyframe image"))
+                         for i in range(1, len(params.keyframes) + 1)]
+        plans = self.section_plan(params, end_rgb is not None)
         done = int(record.get("sections_done", 0))
         try:
             saved = store.load_sections(job_dir, done)
@@ -252,9 +280,16 @@ class Engine:
         store.drop_sections_after(job_dir, done)  # a crash can leave a section that was never published
         record["timings_s"] = {}
         record["resumed"] = record.get("resumed", 0) + 1
-        job = _Job(params, job_dir, record, start_rgb, end_rgb)
+        job = _Job(params, job_dir, record, start_rgb, end_rgb, keyframe_rgbs, plans)
         self._claim(job)
         return self._run_guarded(job, saved, on_event, cancel)
+
+    @staticmethod
+    def section_plan(params: JobParams, has_end_image: bool) -> list[storyboard.SectionPlan]:
+        """The job's sections in sampling order (pure; InputError for a storyboard that cannot work)."""
+        return storyboard.plan_sections(
+            schedule.section_count(params.seconds, params.window), params.window, params.mode, has_end_image,
+            [t for t, _ in params.timed_prompts], [t for t, _ in params.sorted_keyframes], params.prompt_blend)
 
     @staticmethod
     def _cache_plan(params: JobParams, record: dict | None = None, resumed: bool = False,
@@ -311,7 +346,6 @@ class Engine:
     def _run(self, job: _Job, saved: list, emit: EventHandler, cancel: CancelToken, calibrate: bool) -> JobResult:
         params, record, timings = job.params, job.record, job.timings
         height, width, sections = record["height"], record["width"], record["sections"]
-        layouts = schedule.section_layouts(sections, params.window, params.mode, job.end_rgb is not None)
         emit(JobStarted(job.job_id, job.job_dir, sections, params.steps, record["frames"], height, width))
         logger.info("job %s: %d sections x %d steps, %d frames at %dx%d%s", job.job_id, sections, params.steps,
                     record["frames"], width, height, f", resuming after {len(saved)}" if saved else "")
@@ -372,15 +406,17 @@ class Engine:
         record["attention"] = kernel.record(params.attention)
         status = "done"
         try:
-            for layout in layouts[len(saved):]:
+            for section in job.plans[len(saved):]:
+                layout = section.layout
                 t0 = time.perf_counter()
                 emit(StageChanged("sampling", f"Sampling section {layout.number + 1} of {sections}"))
                 cache.new_section()
                 noise = torch.randn(
                     (1, schedule.LATENT_CHANNELS, params.window, height // schedule.VAE_SPATIAL,
                      width // schedule.VAE_SPATIAL), generator=generator)
-                context = history.context(layout, cond.start_latent, cond.end_latent)
-                latents = self._sample_section(transformer, job, layout, context, cond, noise, sigmas, cancel,
+                endpoint = cond.keyframe_latents[section.endpoint] if section.endpoint is not None else None
+                context = history.context(layout, cond.keyframe_latents[section.anchor], endpoint)
+                latents = self._sample_section(transformer, job, section, context, cond, noise, sigmas, cancel,
                                                emit, cache, kernel).cpu()
                 timings["sampling"] += time.perf_counter() - t0
                 record["steps_computed"].append(cache.steps_computed())
@@ -449,29 +485,28 @@ class Engine:
         params, timings = job.params, job.timings
         t0 = time.perf_counter()
         emit(StageChanged("text", "Encoding the prompt"))
-        prompts = [params.prompt] + ([params.negative_prompt] if params.uses_real_cfg else [])
-        encoded = self._encode_prompts(mgr, prompts, job.record["models"])
-        text, negative = encoded[0], (encoded[1] if params.uses_real_cfg else None)
-        if text.truncated:
-            emit(Notice(f"The prompt is longer than the text encoder takes; only its first "
-                        f"{text.prompt_tokens} tokens are used."))
+        # Every distinct prompt once, through the prompt cache; the 8B encoder loads at most once.
+        wanted = params.prompts + ([params.negative_prompt] if params.uses_real_cfg else [])
+        unique = list(dict.fromkeys(wanted))
+        encoded = dict(zip(unique, self._encode_prompts(mgr, unique, job.record["models"])))
+        texts = [encoded[p] for p in params.prompts]
+        negative = encoded[params.negative_prompt] if params.uses_real_cfg else None
+        for prompt, text in zip(params.prompts, texts):
+            if text.truncated:
+                emit(Notice(f"The prompt \"{prompt[:40]}…\" is longer than the text encoder takes; only its "
+                            f"first {text.prompt_tokens} tokens are used."))
         timings["text"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         emit(StageChanged("image", "Encoding the image"))
+        # Keyframe 0 is the start photo, then the storyboard's keyframes by time, then the end frame.
+        frames = [job.start_rgb] + job.keyframe_rgbs + ([job.end_rgb] if job.end_rgb is not None else [])
         with mgr.on_device("image_encoder", "feature_extractor", "vae") as (siglip, processor, _):
             vae = mgr.vae()
-            image_embeds = encode_image_siglip(siglip, processor, job.start_rgb, self.device)
-            start_latent = vae_encode(vae, job.start_rgb, self.device).cpu()
-            end_latent = None
-            if job.end_rgb is not None:
-                end_embeds = encode_image_siglip(siglip, processor, job.end_rgb, self.device)
-                # Start and end are weighted equally, as in diffusers' first/last-frame pipeline.
-                image_embeds = (image_embeds + end_embeds) / 2
-                end_latent = vae_encode(vae, job.end_rgb, self.device).cpu()
+            embeds = [encode_image_siglip(siglip, processor, rgb, self.device).cpu() for rgb in frames]
+            latents = [vae_encode(vae, rgb, self.device).cpu() for rgb in frames]
         timings["image"] = time.perf_counter() - t0
-        return _Conditioning(text, negative, image_embeds.cpu(), start_latent, end_latent,
-                             fit_latent_preview(start_latent[0], job.start_rgb))
+        return _Conditioning(texts, negative, embeds, latents, fit_latent_preview(latents[0][0], job.start_rgb))
 
     def _encode_prompts(self, mgr: ModelManager, prompts: list[str], identity: dict) -> list[TextConditioning]:
         """Cached embeddings where present; the 8B encoder is loaded only for the ones missing."""
@@ -490,13 +525,14 @@ class Engine:
                     prompt_cache.store(cache_dir, keys[i], found[i])
         return found
 
-    def _sample_section(self, transformer, job: _Job, layout: SectionLayout, context: dict,
+    def _sample_section(self, transformer, job: _Job, section: storyboard.SectionPlan, context: dict,
                         cond: _Conditioning, noise: torch.Tensor, sigmas: list[float], cancel: CancelToken,
                         emit: EventHandler, cache: step_cache.AttachedCache,
                         kernel: attention.ActiveAttention) -> torch.Tensor:
-        params = job.params
+        params, layout = job.params, section.layout
         dtype, device = self.dtype, self.device
         sections = job.record["sections"]
+        text_now = cond.text_for(section)
 
         def dev(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype)
@@ -505,7 +541,7 @@ class Engine:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         fixed = {
-            "image_embeds": dev(cond.image_embeds),
+            "image_embeds": dev(cond.image_embeds_for(section)),
             "indices_latents": idx(layout.indices_latents),
             # Distilled guidance: the checkpoint embeds g*1000 (DESIGN.md §3).
             "guidance": torch.tensor([params.distilled_cfg * 1000.0], dtype=dtype, device=device),
@@ -535,7 +571,7 @@ class Engine:
         def velocity(latents: torch.Tensor, sigma: float) -> torch.Tensor:
             cancel.raise_if_cancelled()  # at most one step of work after Stop
             latents = latents.to(device)
-            v = call(latents, sigma, cond.text, "cond")
+            v = call(latents, sigma, text_now, "cond")
             if cond.negative is not None:
                 v_neg = call(latents, sigma, cond.negative, "uncond")
                 v = rescale_cfg(v_neg + params.cfg * (v - v_neg), v, params.cfg_rescale)

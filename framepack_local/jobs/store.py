@@ -22,6 +22,7 @@ PARTIAL_VIDEO = "partial.mp4"
 FINAL_VIDEO = "video.mp4"
 INPUT_IMAGE = "input.png"
 END_IMAGE = "end_input.png"
+KEYFRAME_IMAGE = "keyframe_{:02d}.png"  # the storyboard's keyframes by time, cropped to the bucket
 SECTIONS_DIR = "sections"
 JOB_ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 

@@ -1,0 +1,157 @@
+"""Storyboard: the pure section plan, bad input, and what the transformer actually receives per section."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from framepack_local.engine import schedule, storyboard
+from framepack_local.engine.encode import vae_encode
+from framepack_local.engine.generate import Engine
+from framepack_local.errors import InputError
+from framepack_local.images import cover_resize_crop
+from framepack_local.jobs import store
+from framepack_local.params import JobParams
+from framepack_local.weights.model_folder import load_part
+
+
+def expected(sections, window, has_end, prompt_bounds, keyframe_bounds):
+    """An independent reading of the rules, per section in video order."""
+    cuts = [0] + keyframe_bounds + [sections]
+    out = []
+    for v in range(sections):
+        stretch = max(i for i in range(len(cuts) - 1) if cuts[i] <= v)
+        first, stop = cuts[stretch], cuts[stretch + 1]
+        is_stretch_end = v == stop - 1
+        endpoint = None
+        if is_stretch_end:
+            endpoint = stretch + 1 if stretch + 1 < len(cuts) - 1 else (len(keyframe_bounds) + 1 if has_end else None)
+        pads = schedule.latent_paddings(stop - first)  # sampling order within the stretch
+        padding = pads[stop - 1 - v] * window
+        prompt = max([0] + [i + 1 for i, b in enumerate(prompt_bounds) if b <= v],
+                     key=lambda i: (0 if i == 0 else prompt_bounds[i - 1], i))
+        out.append((stretch, endpoint, padding, prompt))
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 9, 16, 33])
+def test_section_plan_follows_the_rules_for_every_shape(window):
+    step = storyboard.section_seconds(window)
+    for sections, n_keys, n_prompts, has_end in itertools.product(range(1, 61), range(5), range(1, 7), (False, True)):
+        keyframe_bounds = [round(sections * (i + 1) / (n_keys + 1)) for i in range(n_keys)]
+        if len(set(keyframe_bounds)) < n_keys or any(b in (0, sections) for b in keyframe_bounds):
+            continue  # not a valid keyframe layout for this length (refusals are tested below)
+        prompt_bounds = [min(sections - 1, (i * 7) % (sections + 1)) for i in range(1, n_prompts)]
+        plans = storyboard.plan_sections(sections, window, "inverted", has_end, [b * step for b in prompt_bounds],
+                                         [b * step for b in keyframe_bounds])
+        assert [p.number for p in plans] == list(range(sections))
+        assert [p.video_index for p in plans] == list(reversed(range(sections)))  # inverted: the end first
+        want = expected(sections, window, has_end, prompt_bounds, keyframe_bounds)
+        for p in plans:
+            stretch, endpoint, padding, prompt = want[p.video_index]
+            assert (p.stretch, p.anchor, p.endpoint, p.layout.padding, p.prompt) == (
+                stretch, stretch, endpoint, padding, prompt)
+            assert p.layout.use_end_image == (endpoint is not None)
+            assert p.layout.indices_latents[0] == 1 + padding and len(p.layout.indices_latents) == window
+            stretch_end = stretch + 1 if stretch < n_keys else (n_keys + 1 if has_end else None)
+            assert p.image_keyframes == ((stretch,) if stretch_end is None else (stretch, stretch_end))
+        if n_keys == 0 and n_prompts == 1:  # no storyboard: exactly today's layout
+            assert [p.layout for p in plans] == schedule.section_layouts(sections, window, "inverted", has_end)
+        forward = storyboard.plan_sections(sections, window, "forward", False, [b * step for b in prompt_bounds])
+        assert [p.layout for p in forward] == schedule.section_layouts(sections, window, "forward")
+        assert [p.prompt for p in forward] == [row[3] for row in expected(sections, window, False, prompt_bounds, [])]
+
+
+def test_prompt_blending_moves_linearly_over_n_sections():
+    step = storyboard.section_seconds(9)
+    plans = sorted(storyboard.plan_sections(8, 9, "inverted", False, [2 * step, 6 * step], blend_sections=2),
+                   key=lambda p: p.video_index)
+    got = [(p.prompt, p.prompt_from, round(p.blend, 3)) for p in plans]
+    assert got == [(0, None, 1.0), (0, None, 1.0), (1, 0, 0.333), (1, 0, 0.667), (1, None, 1.0), (1, None, 1.0),
+                   (2, 1, 0.333), (2, 1, 0.667)]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(keyframe_times=[0.1]), "start photo"),
+    (dict(keyframe_times=[4.8]), "end frame"),
+    (dict(keyframe_times=[1.2, 1.4]), "same section boundary"),
+    (dict(keyframe_times=[9.0]), "outside the 4.8 s video"),
+    (dict(prompt_times=[-1.0]), "outside"),
+    (dict(keyframe_times=[1.2], mode="forward"), "inverted anti-drift mode"),
+    (dict(prompt_times=[0.5] * 65), "At most 64"),
+])
+def test_bad_storyboards_are_refused_in_one_sentence(kwargs, words):
+    args = dict(sections=4, window=9, mode="inverted", has_end_image=False)
+    args.update(kwargs)
+    with pytest.raises(InputError) as info:
+        storyboard.plan_sections(**args)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+class Recorder:
+    def __init__(self, module):
+        self.calls = []
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, _args, kwargs):
+        self.calls.append({k: kwargs[k].detach().clone() for k in ("latents_clean", "encoder_hidden_states",
+                                                                  "image_embeds")})
+
+
+def photo_file(path, seed, size=(80, 64)):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_the_transformer_sees_the_keyframes_and_prompts_the_plan_says(tiny_model_dir, photo, end_photo, tmp_path):
+    engine = Engine(device="cpu")
+    key = photo_file(tmp_path / "key.png", 11)
+    steps = 2
+    base = dict(image=str(photo), end_image=str(end_photo), seconds=1.6, window=2, steps=steps, resolution=64,
+                seed=3, models=str(tiny_model_dir), cache="off")
+    step = storyboard.section_seconds(2)  # 0.267 s: 6 sections
+    params = JobParams(**base, prompt="calm sea", timed_prompts=((3 * step, "a storm rises"),),
+                       keyframes=((2 * step, str(key)),), outputs=str(tmp_path / "story"))
+    transformer = engine.loaded_models(params).transformers["inverted"]
+    rec = Recorder(transformer)
+    try:
+        result = engine.generate(params)
+        calls = list(rec.calls)
+        rec.calls.clear()
+        storm = engine.generate(JobParams(**base, prompt="a storm rises", outputs=str(tmp_path / "storm")))
+        storm_calls = list(rec.calls)
+    finally:
+        rec.handle.remove()
+    record = store.read_record(result.job_dir)
+    assert record["storyboard"]["keyframes"][0]["file"] == "keyframe_01.png"
+    assert [p["prompt"] for p in record["storyboard"]["prompts"]] == ["calm sea", "a storm rises"]
+
+    # The keyframes' latents, encoded independently from the saved (cropped) images.
+    vae = load_part(tiny_model_dir, "vae", "cpu", torch.float32)
+    rgb = lambda name: np.asarray(Image.open(result.job_dir / name).convert("RGB"))  # noqa: E731
+    latents = [vae_encode(vae, rgb(n), "cpu") for n in ("input.png", "keyframe_01.png", "end_input.png")]
+    h, w = rgb("input.png").shape[:2]
+    assert np.array_equal(rgb("keyframe_01.png"), cover_resize_crop(Image.open(key), h, w))
+
+    plans = engine.section_plan(params, True)
+    assert len(calls) == len(plans) * steps
+    for plan in plans:
+        first = calls[plan.number * steps]
+        assert torch.equal(first["latents_clean"][:, :, :1], latents[plan.anchor].to(first["latents_clean"].dtype))
+        if plan.endpoint is not None:  # the endpoint keyframe in the 1x slot
+            assert torch.equal(first["latents_clean"][:, :, 1:2], latents[plan.endpoint])
+        # Text: exactly the embeddings a one-prompt job with that prompt receives.
+        if plan.prompt == 1:
+            assert torch.equal(first["encoder_hidden_states"], storm_calls[0]["encoder_hidden_states"])
+        else:
+            assert not torch.equal(first["encoder_hidden_states"], storm_calls[0]["encoder_hidden_states"])
+    stretches = {p.stretch for p in plans}
+    assert stretches == {0, 1} and {p.endpoint for p in plans} == {1, 2, None}
+    # Stretch 1 (keyframe -> end frame) and stretch 0 (photo -> keyframe) blend different image pairs.
+    by_stretch = {p.stretch: calls[p.number * steps]["image_embeds"] for p in plans}
+    assert not torch.equal(by_stretch[0], by_stretch[1])
+    assert storm_calls[0]["image_embeds"].shape == by_stretch[0].shape
