@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import FramePackError
+from .errors import FramePackError, InputError
 from .params import ATTENTION_BACKENDS, CACHE_MODES, DEFAULT_MODELS, DEFAULT_OUTPUTS, JobParams
 
 logger = logging.getLogger("framepack_local")
@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True, help="start photo")
     gen.add_argument("--prompt", default="", help="what should happen")
     gen.add_argument("--end-image", default=None, help="optional end frame (inverted mode)")
+    gen.add_argument("--prompt-at", nargs=2, action="append", default=[], metavar=("SECONDS", "TEXT"),
+                     help="a prompt that takes over at that time (repeatable; --prompt is the one at 0 s)")
+    gen.add_argument("--keyframe", nargs=2, action="append", default=[], metavar=("SECONDS", "IMAGE"),
+                     help="an image the video passes through at that time (inverted mode; repeatable)")
+    gen.add_argument("--prompt-blend", type=_whole, default=d.prompt_blend,
+                     help="sections over which a prompt change blends in (default %(default)s: at once)")
+    gen.add_argument("--storyboard", default=None, help="a JSON file with prompts, keyframes and blend_sections")
+    gen.add_argument("--plan-only", action="store_true", help="print the section plan and exit; writes nothing")
     gen.add_argument("--seconds", type=_number, default=d.seconds, help="length, 0.1-120 (default %(default)s)")
     gen.add_argument("--seed", type=_whole, default=d.seed)
     gen.add_argument("--steps", type=_whole, default=d.steps)
@@ -115,9 +123,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _storyboard(args) -> dict:
+    """--storyboard, then --prompt-at / --keyframe on top (a prompt at 0 s is the base prompt)."""
+    from .engine import storyboard
+
+    story = storyboard.load_file(args.storyboard) if args.storyboard else {"timed_prompts": [], "keyframes": []}
+    story.setdefault("prompt", args.prompt)
+    if args.prompt_blend != JobParams.prompt_blend or "prompt_blend" not in story:
+        story["prompt_blend"] = args.prompt_blend
+    for flag, pairs, key in (("--prompt-at", args.prompt_at, "timed_prompts"), ("--keyframe", args.keyframe, "keyframes")):
+        for seconds, value in pairs:
+            try:
+                at = _number(seconds)
+            except argparse.ArgumentTypeError as exc:
+                raise InputError(f"{flag} needs a time in seconds first, not {seconds!r} ({exc}).") from None
+            if key == "timed_prompts" and at == 0:
+                story["prompt"] = value
+            else:
+                story[key].append((at, value))
+    return story
+
+
 def _params(args) -> JobParams:
+    story = _storyboard(args)
     return JobParams(
-        image=args.image, prompt=args.prompt, end_image=args.end_image, seconds=args.seconds, seed=args.seed,
+        image=args.image, prompt=story["prompt"], end_image=args.end_image, seconds=args.seconds, seed=args.seed,
+        timed_prompts=tuple(story["timed_prompts"]), keyframes=tuple(story["keyframes"]),
+        prompt_blend=story["prompt_blend"],
         steps=args.steps, window=args.window, mode=args.mode, sampler=args.sampler,
         distilled_cfg=args.distilled_cfg, cfg=args.cfg, negative_prompt=args.negative_prompt,
         cfg_rescale=args.cfg_rescale, resolution=args.resolution, crf=args.crf,
@@ -129,7 +161,19 @@ def _params(args) -> JobParams:
 
 
 def _generate(args) -> int:
-    return _run_job(args, _params(args), None)
+    params = _params(args)
+    if args.plan_only:
+        return _print_plan(params)
+    return _run_job(args, params, None)
+
+
+def _print_plan(params: JobParams) -> int:
+    from .engine import storyboard
+
+    plans = storyboard.plan_for(params, bool(params.end_image))
+    names = ["photo"] + [f"key@{t:g}s" for t, _ in params.sorted_keyframes] + (["end frame"] if params.end_image else [])
+    print(storyboard.plan_table(plans, params.prompts, names))
+    return 0
 
 
 def _resume(args) -> int:

@@ -29,7 +29,8 @@ def form(photo, **changes):
     values = dict(image=str(photo), end_image=None, prompt="  waves roll in ", seconds=5, seed=31337.0, steps=25,
                   distilled_cfg=10, mode="inverted", window=9, cfg=1, negative_prompt="", cfg_rescale=0,
                   resolution=640, crf=16, memory_profile="auto", keep_free_gb=0, cache="mag", cache_threshold=0.1,
-                  cache_max_skip=2, cache_retention=0.2, attention="auto")
+                  cache_max_skip=2, cache_retention=0.2, attention="auto", prompt_blend=0)
+    values.update({name: None for name in forms.STORY_FIELDS})
     values.update(changes)
     return values
 
@@ -82,7 +83,8 @@ def test_bad_form_values_give_one_sentence(photo, tmp_path, changes, words):
 
 
 def test_length_line():
-    assert forms.length_line(5, 9) == "145 frames = 4.8 s at 30 fps, made in 4 sections of 36 frames"
+    assert forms.length_line(5, 9).startswith("145 frames = 4.8 s at 30 fps, made in 4 sections of 36 frames; ")
+    assert "snap to the section starts, every 1.20 s" in forms.length_line(5, 9)
     assert "1 section of 4 frames" in forms.length_line(0.1, 1)
     assert forms.length_line(None, 9) == "Choose a length and a window size."
     line = forms.length_line(120, 9)
@@ -307,8 +309,9 @@ def test_history_reuse_and_resume(page, photo):
     assert video.endswith("video.mp4") and resume_btn["interactive"] is False and reuse_btn["interactive"] is True
 
     values = page.reuse(job_id)
-    filled = dict(zip(forms.FORM_FIELDS, values[:-2]))
-    assert len(values) == len(forms.FORM_FIELDS) + 2 and values[-2] == forms.params_to_form(filled)["speed"]
+    filled = dict(zip(forms.FORM_FIELDS, values[:-3]))
+    assert len(values) == len(forms.FORM_FIELDS) + 3 and values[-3] == forms.params_to_form(filled)["speed"]
+    assert values[-2] == 1  # storyboard rows shown: one (empty)
     assert values[-1] == f"Settings of {job_id} are in the form."
     assert filled["prompt"] == "a boat <on> the lake" and filled["seed"] == 4242 and filled["steps"] == 3
     assert filled["image"].endswith(f"{job_id}/input.png") and filled["resolution"] == 64

@@ -159,3 +159,43 @@ def test_speed_choice_fills_the_step_cache_settings(server, context):
     page.wait_for_function("() => document.querySelector('#cache input').value === 'Off'")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "speed-settings.png"), full_page=True)
+
+
+def test_storyboard_rows_reach_the_job(server, context, photo, end_photo):
+    import json
+
+    page = open_page(context, server.url)
+    page.locator("#start_image input[type=file]").set_input_files(str(photo))
+    page.locator("#start_image img").first.wait_for(state="visible")
+    page.locator("#prompt textarea").fill("a calm lake")
+    set_number(page, "seconds", 1)
+    set_number(page, "steps", 2)
+    page.locator("#advanced .label-wrap").click()
+    page.locator("#resolution").wait_for(state="visible")
+    set_number(page, "resolution", 64)
+    set_number(page, "window", 1)  # 8 sections of 4 frames: boundaries every 0.13 s
+
+    page.locator("#storyboard .label-wrap").click()
+    set_number(page, "story_at_1", 0.3)
+    page.locator("#story_prompt_1 textarea").fill("a storm rolls in")
+    page.locator("#story_add").click()
+    page.locator("#story_at_2").wait_for(state="visible")
+    set_number(page, "story_at_2", 0.5)
+    page.locator("#story_image_2 input[type=file]").set_input_files(str(end_photo))
+    page.locator("#story_image_2 img").first.wait_for(state="visible")
+    # The plan shows the keyframe's stretch before anything runs.
+    page.wait_for_function("() => document.querySelector('#section_plan').innerText.includes('key@0.5s')")
+    assert "a storm rolls in" in page.locator("#section_plan").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "storyboard.png"), full_page=True)
+
+    page.locator("#start_btn").click()
+    page.wait_for_function("() => document.querySelector('#message').innerText.includes('Started')")
+    job = page.locator("#progress .fpl-progress").get_attribute("data-job", timeout=TIMEOUT_MS)
+    page.wait_for_function(
+        "() => { const p = document.querySelector('#progress .fpl-progress'); return p && p.dataset.status === 'done'; }")
+    job = job or page.locator("#progress .fpl-progress").get_attribute("data-job")
+    record = json.loads((server.outputs / job / "job.json").read_text())
+    assert record["params"]["timed_prompts"] == [[0.3, "a storm rolls in"]]
+    assert [k["at"] for k in record["storyboard"]["keyframes"]] == [0.5]
+    assert (server.outputs / job / "keyframe_01.png").is_file()

@@ -122,7 +122,7 @@ def test_the_transformer_sees_the_keyframes_and_prompts_the_plan_says(tiny_model
         result = engine.generate(params)
         calls = list(rec.calls)
         rec.calls.clear()
-        storm = engine.generate(JobParams(**base, prompt="a storm rises", outputs=str(tmp_path / "storm")))
+        engine.generate(JobParams(**base, prompt="a storm rises", outputs=str(tmp_path / "storm")))
         storm_calls = list(rec.calls)
     finally:
         rec.handle.remove()
@@ -155,3 +155,115 @@ def test_the_transformer_sees_the_keyframes_and_prompts_the_plan_says(tiny_model
     by_stretch = {p.stretch: calls[p.number * steps]["image_embeds"] for p in plans}
     assert not torch.equal(by_stretch[0], by_stretch[1])
     assert storm_calls[0]["image_embeds"].shape == by_stretch[0].shape
+
+
+def test_cli_storyboard_file_and_flags_kill_and_resume_bit_identical(tiny_model_dir, photo, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from framepack_local.jobs.video import probe_video
+
+    repo = Path(__file__).resolve().parent.parent
+    key = photo_file(tmp_path / "key.png", 5)
+    step = storyboard.section_seconds(2)
+    story = tmp_path / "story.json"
+    story.write_text(json.dumps({"prompts": [{"at": 0, "prompt": "a quiet harbour"},
+                                             {"at": round(2 * step, 3), "prompt": "boats leave"}],
+                                 "keyframes": [{"at": round(3 * step, 3), "image": "key.png"}]}))
+    args = ["generate", "--image", str(photo), "--storyboard", str(story), "--prompt-at", str(round(4 * step, 3)),
+            "night falls", "--prompt-blend", "1", "--seconds", "1.6", "--window", "2", "--steps", "6",
+            "--resolution", "64", "--seed", "4", "--models", str(tiny_model_dir)]
+    cmd = [sys.executable, "-m", "framepack_local", *args]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--outputs", str(killed)], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, job_dir = time.monotonic() + 120, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        dirs = [p for p in killed.iterdir() if p.is_dir()] if killed.is_dir() else []
+        if dirs:
+            job_dir = dirs[0]
+            try:
+                if store.read_record(job_dir).get("sections_done", 0) >= 2:
+                    break
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    record = store.read_record(job_dir)
+    assert 2 <= record["sections_done"] < record["sections"] == 6
+    store.recover_interrupted(killed)
+    resumed = subprocess.run([sys.executable, "-m", "framepack_local", "resume", str(job_dir)], cwd=repo,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+    params = JobParams(image=str(photo), prompt="a quiet harbour", seconds=1.6, window=2, steps=6, resolution=64,
+                       seed=4, models=str(tiny_model_dir), outputs=str(tmp_path / "clean"), prompt_blend=1,
+                       timed_prompts=((round(2 * step, 3), "boats leave"), (round(4 * step, 3), "night falls")),
+                       keyframes=((round(3 * step, 3), str(key)),))
+    clean = Engine(device="cpu").generate(params)
+    assert torch.equal(store.job_latents(job_dir, "inverted"), store.job_latents(clean.job_dir, "inverted"))
+    final = store.read_record(job_dir)
+    assert [p["prompt"] for p in final["storyboard"]["prompts"]] == ["a quiet harbour", "boats leave", "night falls"]
+    info = probe_video(job_dir / store.FINAL_VIDEO)
+    assert info.frames == final["frames"] == schedule.total_frames(6, 2)  # keyframes add no frames
+    meta = json.loads(info.comment)["framepack_local"]
+    assert meta["keyframes"] == [[round(3 * step, 3), str(key)]] and meta["prompt_blend"] == 1
+    assert [t for t, _ in meta["timed_prompts"]] == [round(2 * step, 3), round(4 * step, 3)]
+
+
+def test_storyboard_file_errors_are_one_sentence(tmp_path):
+    bad = tmp_path / "bad.json"
+    for text, words in (("{not json", "not valid JSON"), ('{"prompts": [], "music": 1}', "unknown keys"),
+                        ('{"prompts": [{"at": 1}]}', "needs exactly"), ('{"keyframes": [{"at": "x", "image": "a"}]}',
+                                                                         "time in seconds")):
+        bad.write_text(text)
+        with pytest.raises(InputError) as info:
+            storyboard.load_file(bad)
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_page_rows_become_the_storyboard_and_reuse_restores_them(photo, tmp_path):
+    from framepack_local.ui import forms
+    from framepack_local.ui.story import STORY_FIELDS, plan_preview_html
+
+    rows = {name: None for name in STORY_FIELDS}
+    rows.update(story_at_1=2.4, story_prompt_1=" a storm rises ", story_at_2=3.6, story_image_2=str(photo),
+                story_at_3=1.2)  # a time alone is an empty row
+    base = dict(image=str(photo), prompt="calm", seconds=10, seed=1, steps=4, window=9, mode="inverted",
+                prompt_blend=1, **rows)
+    params = forms.form_to_params(base, tmp_path, tmp_path)
+    assert params.timed_prompts == ((2.4, "a storm rises"),) and params.keyframes == ((3.6, str(photo)),)
+    assert params.prompt_blend == 1
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "keyframe_01.png").write_bytes(photo.read_bytes())
+    back = forms.params_to_form(params.to_dict(), job_dir)
+    assert (back["story_at_1"], back["story_prompt_1"], back["story_image_1"]) == (2.4, "a storm rises", None)
+    assert (back["story_at_2"], back["story_image_2"]) == (3.6, str(job_dir / "keyframe_01.png"))
+    assert back["story_rows"] == 2 and back["story_dropped"] == 0 and back["prompt_blend"] == 1
+
+    preview = plan_preview_html(10, 9, "inverted", False, "calm", 1, rows)
+    assert 'data-sections="8"' in preview and "key@3.6s" in preview and "a storm rises" in preview
+    bad = dict(rows, story_at_2=0.1)
+    assert "lands on the video&#x27;s start" in plan_preview_html(10, 9, "inverted", False, "calm", 0, bad)
+    for changes, words in ((dict(story_at_1=None), "Give storyboard row 1 a time"),
+                           (dict(story_at_1=0), "row 1 is at 0 s"),
+                           (dict(story_at_1="soon"), "must be a number")):
+        with pytest.raises(InputError, match=words):
+            forms.form_to_params({**base, **changes}, tmp_path, tmp_path)
+
+
+def test_unreadable_keyframe_is_refused_before_any_file(tiny_model_dir, photo, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    params = JobParams(image=str(photo), seconds=1.6, window=2, steps=1, resolution=64, models=str(tiny_model_dir),
+                       outputs=str(tmp_path / "out"), keyframes=((0.6, str(broken)),))
+    with pytest.raises(InputError, match="keyframe image at 0.6 s"):
+        Engine(device="cpu").generate(params)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

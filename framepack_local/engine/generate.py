@@ -287,9 +287,7 @@ class Engine:
     @staticmethod
     def section_plan(params: JobParams, has_end_image: bool) -> list[storyboard.SectionPlan]:
         """The job's sections in sampling order (pure; InputError for a storyboard that cannot work)."""
-        return storyboard.plan_sections(
-            schedule.section_count(params.seconds, params.window), params.window, params.mode, has_end_image,
-            [t for t, _ in params.timed_prompts], [t for t, _ in params.sorted_keyframes], params.prompt_blend)
+        return storyboard.plan_for(params, has_end_image)
 
     @staticmethod
     def _cache_plan(params: JobParams, record: dict | None = None, resumed: bool = False,

@@ -25,7 +25,9 @@ the new one (weights 1/(N+1) ... N/(N+1)); how two prompts blend is ``encode.ble
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InputError
 from ..jobs.store import KEYFRAME_IMAGE as KEYFRAME_FILE
@@ -144,6 +146,13 @@ def plan_sections(sections: int, window: int, mode: str, has_end_image: bool = F
     return plans
 
 
+def plan_for(params, has_end_image: bool) -> list[SectionPlan]:
+    """A job's section plan from its JobParams (InputError, one sentence, for a storyboard that cannot work)."""
+    return plan_sections(schedule.section_count(params.seconds, params.window), params.window, params.mode,
+                         has_end_image, [t for t, _ in params.timed_prompts], [t for t, _ in params.sorted_keyframes],
+                         params.prompt_blend)
+
+
 def _blends(prompts: list[int], blend_sections: int) -> list[tuple[int | None, float]]:
     """(previous prompt, weight of the current one) per section in video order."""
     out: list[tuple[int | None, float]] = []
@@ -156,6 +165,51 @@ def _blends(prompts: list[int], blend_sections: int) -> list[tuple[int | None, f
         else:
             out.append((None, 1.0))
         since += 1
+    return out
+
+
+STORYBOARD_KEYS = {"prompts": {"at", "prompt"}, "keyframes": {"at", "image"}, "blend_sections": None}
+
+
+def load_file(path) -> dict:
+    """A storyboard JSON file -> JobParams fields (prompt, timed_prompts, keyframes, prompt_blend).
+
+    {"prompts": [{"at": 0, "prompt": "..."}, ...], "keyframes": [{"at": 2.4, "image": "key.png"}, ...],
+    "blend_sections": 1}; image paths are relative to the file. A prompt at 0 s is the base prompt.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"The storyboard file {path} cannot be read ({exc.strerror or exc}).") from exc
+    except ValueError as exc:
+        raise InputError(f"The storyboard file {path} is not valid JSON ({exc}); fix it or leave it out.") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"The storyboard file {path} must hold one JSON object with prompts and keyframes.")
+    unknown = set(data) - set(STORYBOARD_KEYS)
+    if unknown:
+        raise InputError(f"The storyboard file {path} has unknown keys {sorted(unknown)}; "
+                         f"use {', '.join(STORYBOARD_KEYS)}.")
+    out: dict = {"timed_prompts": [], "keyframes": []}
+    for key, fields in (("prompts", STORYBOARD_KEYS["prompts"]), ("keyframes", STORYBOARD_KEYS["keyframes"])):
+        entries = data.get(key, [])
+        if not isinstance(entries, list):
+            raise InputError(f"\"{key}\" in {path} must be a list of objects with {sorted(fields)}.")
+        for entry in entries:
+            if not isinstance(entry, dict) or set(entry) != fields:
+                raise InputError(f"Each entry of \"{key}\" in {path} needs exactly {sorted(fields)}, not {entry!r}.")
+            at = entry["at"]
+            if isinstance(at, bool) or not isinstance(at, (int, float)):
+                raise InputError(f"\"at\" in {path} must be a time in seconds, not {at!r}.")
+            if key == "prompts":
+                if at == 0:
+                    out["prompt"] = str(entry["prompt"])
+                else:
+                    out["timed_prompts"].append((float(at), str(entry["prompt"])))
+            else:
+                out["keyframes"].append((float(at), str(path.parent / str(entry["image"]))))
+    if "blend_sections" in data:
+        out["prompt_blend"] = data["blend_sections"]
     return out
 
 
@@ -174,12 +228,12 @@ def plan_table(plans: list[SectionPlan], prompts: list[str], keyframe_names: lis
         text = " ".join(text.split()) or "(no prompt)"
         return text if len(text) <= 48 else text[:47] + "…"
 
-    rows = ["video  time            sampled  stretch  anchor -> endpoint       padding  prompt"]
+    rows = [f"{'#':>3}  {'time (s)':<11}  {'anchor':>8} -> {'endpoint':<10}  {'prompt':<48}  {'sampled':>7}  {'pad':>3}"]
     for p in sorted(plans, key=lambda p: p.video_index):
         endpoint = keyframe_names[p.endpoint] if p.endpoint is not None else "-"
         prompt = short(prompts[p.prompt])
         if p.prompt_from is not None:
             prompt = f"{p.blend:.0%} {prompt} / {short(prompts[p.prompt_from])}"
-        rows.append(f"{p.video_index + 1:>5}  {p.start_s:6.1f}-{p.end_s:6.1f} s  {p.number + 1:>7}  {p.stretch + 1:>7}  "
-                    f"{keyframe_names[p.anchor]:>8} -> {endpoint:<14} {p.layout.padding:>7}  {prompt}")
+        rows.append(f"{p.video_index + 1:>3}  {p.start_s:5.1f}-{p.end_s:5.1f}  {keyframe_names[p.anchor]:>8} -> "
+                    f"{endpoint:<10}  {prompt:<48}  {p.number + 1:>7}  {p.layout.padding:>3}")
     return "\n".join(rows)

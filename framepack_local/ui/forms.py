@@ -8,6 +8,7 @@ from typing import Any
 
 from ..engine import schedule
 from ..errors import InputError
+from .story import STORY_FIELDS, rows_to_storyboard, storyboard_to_rows
 from ..params import MAX_RESOLUTION, MAX_STEPS, MAX_WINDOW, MIN_RESOLUTION, SPEED_PRESETS, JobParams, speed_of
 
 MIN_SECONDS_UI, MAX_SECONDS_UI = 1, 120
@@ -18,8 +19,8 @@ MAX_KEEP_FREE_GB = 128
 FORM_FIELDS = (
     "image", "end_image", "prompt", "seconds", "seed", "steps", "distilled_cfg", "mode", "window", "cfg",
     "negative_prompt", "cfg_rescale", "resolution", "crf", "memory_profile", "keep_free_gb",
-    "cache", "cache_threshold", "cache_max_skip", "cache_retention", "attention",
-)
+    "cache", "cache_threshold", "cache_max_skip", "cache_retention", "attention", "prompt_blend",
+) + STORY_FIELDS
 
 
 def length_line(seconds: Any, window: Any) -> str:
@@ -33,7 +34,8 @@ def length_line(seconds: Any, window: Any) -> str:
     n = schedule.section_count(seconds, window)
     frames = schedule.total_frames(n, window)
     return (f"{frames} frames = {frames / schedule.FPS:.1f} s at {schedule.FPS} fps, "
-            f"made in {n} section{'s' if n != 1 else ''} of {schedule.VAE_TEMPORAL * window} frames")
+            f"made in {n} section{'s' if n != 1 else ''} of {schedule.VAE_TEMPORAL * window} frames; "
+            f"storyboard times snap to the section starts, every {schedule.VAE_TEMPORAL * window / schedule.FPS:.2f} s")
 
 
 def _whole(label: str, value: Any, lo: int, hi: int) -> int:
@@ -104,6 +106,8 @@ def form_to_params(values: dict, models_dir: Path, outputs_dir: Path) -> JobPara
     kwargs["cache_retention"] = _real("The share of first steps that always run",
                                       values.get("cache_retention", DEFAULTS.cache_retention))
     kwargs["attention"] = str(values.get("attention") or DEFAULTS.attention)
+    kwargs["prompt_blend"] = _whole("Blend prompt changes over", values.get("prompt_blend") or 0, 0, 16)
+    kwargs["timed_prompts"], kwargs["keyframes"] = rows_to_storyboard(values)
     return JobParams(**kwargs).validate()
 
 
@@ -123,9 +127,10 @@ def speed_settings(speed: str | None) -> tuple:
 
 def params_to_form(params: dict, job_dir: Path | None = None) -> dict:
     """A job record's params -> form values (the inverse of form_to_params, as far as the form goes)."""
-    out = {}
+    out, rows, dropped = storyboard_to_rows(params, job_dir)
+    out["story_rows"], out["story_dropped"] = max(rows, 1), dropped
     for name in FORM_FIELDS:
-        if name in ("image", "end_image"):
+        if name in ("image", "end_image") or name in STORY_FIELDS:
             continue
         # A record without the step cache or attention settings predates them: it ran uncached, on SDPA.
         value = params.get(name, {"cache": "off", "attention": "sdpa"}.get(name, getattr(DEFAULTS, name)))

@@ -6,6 +6,7 @@ once a second, so closing the tab stops nothing and a page opened later shows th
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..engine.storyboard import plan_for
 from ..errors import FramePackError, InputError
 from ..jobs.listing import JobSummary, list_jobs
 from ..weights.model_folder import missing_parts
@@ -39,6 +41,22 @@ def _warn(message: str) -> None:
         gr.Warning(message)
     except Exception:  # noqa: BLE001 - outside a request (tests) there is nowhere to show it
         logger.warning("%s", message)
+
+
+def form_endpoint(fn):
+    """fn(*values in FORM_FIELDS order), with one named, optional parameter per field for the API.
+
+    Gradio names an endpoint's parameters after the function's, and lets a client leave out those that
+    have a default: so older clients that send only the first fields keep working (the rest keep the
+    form's defaults), and every parameter has its field's name.
+    """
+    def endpoint(*values):
+        return fn(*values)
+
+    endpoint.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in FORM_FIELDS])
+    endpoint.__name__ = getattr(fn, "__name__", "endpoint")
+    return endpoint
 
 
 @dataclass
@@ -76,6 +94,9 @@ class Page:
             load_image(params.image, what="start photo")  # a bad photo is refused now, not when its turn comes
             if params.end_image:
                 load_image(params.end_image, what="end frame")
+            for at, path in params.keyframes:
+                load_image(path, what=f"keyframe at {at:g} s")
+            plan_for(params, bool(params.end_image))  # a storyboard that cannot work, in one sentence
             before = self.worker.snapshot()
             key = self.worker.submit(params)
         except FramePackError as exc:
@@ -137,20 +158,24 @@ class Page:
         return f"Resuming {job_id} as {key}."
 
     def reuse(self, job_id: str | None) -> tuple:
-        """Form values from a past job's job.json (in FORM_FIELDS order), its Speed choice, and a message."""
+        """Form values from a past job's job.json (in FORM_FIELDS order), its Speed choice, the storyboard
+        rows in use, and a message."""
         try:
             job_dir = self._job_dir(job_id)
             record = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
             params = record.get("params") if isinstance(record.get("params"), dict) else {}
         except FramePackError as exc:
             _warn(str(exc))
-            return tuple(gr.skip() for _ in FORM_FIELDS) + (gr.skip(), f"⚠️ {exc}")
+            return tuple(gr.skip() for _ in FORM_FIELDS) + (gr.skip(), gr.skip(), f"⚠️ {exc}")
         except (OSError, ValueError):
             message = f"The record of job {job_id} cannot be read."
             _warn(message)
-            return tuple(gr.skip() for _ in FORM_FIELDS) + (gr.skip(), f"⚠️ {message}")
+            return tuple(gr.skip() for _ in FORM_FIELDS) + (gr.skip(), gr.skip(), f"⚠️ {message}")
         form = params_to_form(params, job_dir)
-        return tuple(form[name] for name in FORM_FIELDS) + (form["speed"], f"Settings of {job_id} are in the form.")
+        note = (f" The page shows the first {form['story_rows']} storyboard rows; {form['story_dropped']} more "
+                f"are in job.json." if form["story_dropped"] else "")
+        return tuple(form[name] for name in FORM_FIELDS) + (form["speed"], form["story_rows"],
+                                                             f"Settings of {job_id} are in the form.{note}")
 
     def history(self) -> tuple[Any, Any, list[str]]:
         """(gallery items, job dropdown update, job ids in gallery order)."""

@@ -16,7 +16,8 @@ from .forms import (
     DEFAULTS, FORM_FIELDS, MAX_KEEP_FREE_GB, MAX_SECONDS_UI, MIN_SECONDS_UI, RANDOM_SEED_MAX, length_line,
     speed_choice, speed_settings,
 )
-from .handlers import POLL_OUTPUTS, Page
+from .handlers import POLL_OUTPUTS, Page, form_endpoint
+from .story import STORY_FIELDS, STORY_ROWS, plan_preview_html
 from .render import header_html, history_details, models_report, preview_html, progress_html, queue_html
 
 POLL_SECONDS = 1.0
@@ -32,6 +33,8 @@ ATTENTION_LABELS = {
     "flash": "FlashAttention 2",
     "sage": "SageAttention",
 }
+STORY_HELP = ("Each row takes over at its time: a new prompt, a keyframe image the video passes through "
+              "(inverted mode), or both. The main prompt applies from 0 s. The plan below shows every section.")
 SPEED_HELP = ("Skips sampling steps whose result barely changes (MagCache). Balanced runs about 13 of 25 steps, "
               "fast about 10; off runs every step. Exact settings under Advanced.")
 MODE_HELP = (
@@ -60,6 +63,8 @@ table.fpl-queue td, table.fpl-queue th, table.fpl-system td, table.fpl-system th
   text-align: left; padding: .25em .5em; border-bottom: 1px solid var(--border-color-primary); }
 .fpl-empty { opacity: .7; font-size: .9em; }
 pre.fpl-plan { font-size: .8em; margin: 0; white-space: pre; overflow-x: auto; }
+.fpl-plan-box { max-height: 240px; overflow-y: auto; }
+.fpl-plan-error { font-size: .9em; color: #7a0000; }
 .fpl-preview img { width: 100%; height: 200px; object-fit: contain; image-rendering: pixelated;
   background: var(--background-fill-secondary); border-radius: 6px; }
 #stop_btn:not(:disabled) { background: #d93025; border-color: #d93025; color: #fff; }
@@ -70,6 +75,21 @@ def make_theme():
     # System fonts only: the page must not reach out to a font service (offline machines, privacy).
     return gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
+
+
+def remove_story_row(count) -> list:
+    """Hide the last row and clear it (a hidden row must not still reach the job)."""
+    count = int(count)
+    out = [max(1, count - 1)] + [gr.skip()] * (3 * STORY_ROWS)
+    if count > 1:
+        base = 1 + 3 * (count - 1)
+        out[base:base + 3] = [None, "", None]
+    return out
+
+
+def section_plan_html(seconds, window, mode, end_image, prompt, blend, *story_values) -> str:
+    values = dict(zip(STORY_FIELDS, story_values))
+    return plan_preview_html(seconds, window, mode, bool(end_image), prompt, blend, values)
 
 
 def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = False, *, listen: bool = False,
@@ -106,6 +126,27 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                                          type="filepath", image_mode=None, height=260, elem_id="end_image")
                 prompt = gr.Textbox(label="What should happen", lines=2, elem_id="prompt",
                                     placeholder="The girl dances gracefully, with clear movements, full of charm.")
+                with gr.Accordion("Storyboard: prompts over time, keyframes", open=False, elem_id="storyboard"):
+                    gr.Markdown(STORY_HELP)
+                    story_count = gr.State(1)
+                    story_rows, story_fields = [], []
+                    for i in range(1, STORY_ROWS + 1):
+                        with gr.Row(visible=i == 1, equal_height=True) as row:
+                            story_fields.append(gr.Number(label="At (s)", minimum=0, elem_id=f"story_at_{i}",
+                                                          scale=1, min_width=80))
+                            story_fields.append(gr.Textbox(label="Prompt from here on (optional)", lines=2,
+                                                           elem_id=f"story_prompt_{i}", scale=4))
+                            story_fields.append(gr.Image(label="Keyframe (optional)", sources=["upload", "clipboard"],
+                                                         type="filepath", image_mode=None, height=110,
+                                                         elem_id=f"story_image_{i}", scale=2, min_width=120))
+                        story_rows.append(row)
+                    with gr.Row():
+                        add_row = gr.Button("Add row", size="sm", elem_id="story_add")
+                        remove_row = gr.Button("Remove last row", size="sm", elem_id="story_remove")
+                    prompt_blend = gr.Slider(0, 4, value=DEFAULTS.prompt_blend, step=1,
+                                             label="Blend a prompt change over this many sections (0 = at once)",
+                                             elem_id="prompt_blend")
+                    plan_box = gr.HTML("", elem_id="section_plan")
                 seconds = gr.Slider(MIN_SECONDS_UI, MAX_SECONDS_UI, value=DEFAULTS.seconds, step=0.1,
                                     label="Length (seconds)", elem_id="seconds")
                 length_md = gr.Markdown(length_line(DEFAULTS.seconds, DEFAULTS.window), elem_id="length_line")
@@ -198,13 +239,13 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
 
         form = [image, end_image, prompt, seconds, seed, steps, distilled_cfg, mode, window, cfg, negative_prompt,
                 cfg_rescale, resolution, crf, memory_profile, keep_free_gb, cache, cache_threshold, cache_max_skip,
-                cache_retention, attention]
+                cache_retention, attention, prompt_blend, *story_fields]
         assert len(form) == len(FORM_FIELDS)
         poll_outputs = [progress, preview, partial_video, final_video, queue_table, queue_pick, stop_btn, gallery,
                         history_pick, history_ids, models_md, models_group, download_box, shown]
         assert len(poll_outputs) == len(POLL_OUTPUTS)
 
-        start_btn.click(page.start, inputs=form, outputs=[message, ticket], api_name="start", **hidden)
+        start_btn.click(form_endpoint(page.start), inputs=form, outputs=[message, ticket], api_name="start", **hidden)
         stop_btn.click(page.stop, outputs=[message], api_name="stop", **hidden)
         remove_btn.click(page.remove_queued, inputs=[queue_pick], outputs=[message], api_name="remove_queued",
                          **hidden)
@@ -216,6 +257,16 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
 
         for control in (seconds, window):
             control.change(length_line, inputs=[seconds, window], outputs=[length_md], **private)
+
+        # Storyboard rows: a count in a State shows that many rows; removing a row clears it.
+        add_row.click(lambda n: min(int(n) + 1, STORY_ROWS), inputs=[story_count], outputs=[story_count], **private)
+        remove_row.click(remove_story_row, inputs=[story_count], outputs=[story_count, *story_fields], **private)
+        story_count.change(lambda n: [gr.Row(visible=i < int(n)) for i in range(STORY_ROWS)], inputs=[story_count],
+                           outputs=story_rows, **private)
+        plan_inputs = [seconds, window, mode, end_image, prompt, prompt_blend, *story_fields]
+        for control in plan_inputs:
+            control.change(section_plan_html, inputs=plan_inputs, outputs=[plan_box], **private)
+        app.load(section_plan_html, inputs=plan_inputs, outputs=[plan_box], **private)
         random_btn.click(lambda: random.randint(0, RANDOM_SEED_MAX), outputs=[seed], **private)
 
         refresh_btn.click(page.history, outputs=[gallery, history_pick, history_ids], api_name="history", **hidden)
@@ -223,7 +274,8 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
         history_pick.change(page.select_history, inputs=[history_pick],
                             outputs=[details, history_video, resume_btn, reuse_btn], api_name="history_select",
                             **hidden)
-        reuse_btn.click(page.reuse, inputs=[history_pick], outputs=form + [speed, message], api_name="reuse", **hidden)
+        reuse_btn.click(page.reuse, inputs=[history_pick], outputs=form + [speed, story_count, message],
+                        api_name="reuse", **hidden)
         # .input, not .change: only the user's choice sets the fields (Reuse sets both, in step).
         cache_fields = [cache, cache_threshold, cache_max_skip, cache_retention]
         speed.input(speed_settings, inputs=[speed], outputs=cache_fields, **private)
