@@ -189,12 +189,14 @@ def test_storyboard_rows_reach_the_job(server, context, photo, end_photo):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "storyboard.png"), full_page=True)
 
+    before = page.locator("#progress .fpl-progress").get_attribute("data-job")  # the last job shown, if any
     page.locator("#start_btn").click()
     page.wait_for_function("() => document.querySelector('#message').innerText.includes('Started')")
-    job = page.locator("#progress .fpl-progress").get_attribute("data-job", timeout=TIMEOUT_MS)
     page.wait_for_function(
-        "() => { const p = document.querySelector('#progress .fpl-progress'); return p && p.dataset.status === 'done'; }")
-    job = job or page.locator("#progress .fpl-progress").get_attribute("data-job")
+        """before => { const p = document.querySelector('#progress .fpl-progress');
+                       return p && p.dataset.job && p.dataset.job !== before && p.dataset.status === 'done'; }""",
+        arg=before or "")
+    job = page.locator("#progress .fpl-progress").get_attribute("data-job")
     record = json.loads((server.outputs / job / "job.json").read_text())
     assert record["params"]["timed_prompts"] == [[0.3, "a storm rolls in"]]
     assert [k["at"] for k in record["storyboard"]["keyframes"]] == [0.5]

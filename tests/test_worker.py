@@ -150,6 +150,7 @@ def test_stop_queued_job_removes_it(worker, tiny_model_dir, photo, tmp_path):
 def test_bad_jobs_give_one_sentence_and_the_next_job_runs(worker, tiny_model_dir, photo, tmp_path):
     doomed = tmp_path / "doomed.png"
     shutil.copy(photo, doomed)
+    k0 = worker.submit(tiny(tiny_model_dir, photo, tmp_path / "out", prompt="first"))  # k1 waits behind it
     k1 = worker.submit(tiny(tiny_model_dir, doomed, tmp_path / "out", prompt="gone"))
     doomed.unlink()  # deleted after submit, before it runs
     k2 = worker.submit(tiny(tmp_path / "no-models", photo, tmp_path / "out", prompt="no models"))
@@ -162,7 +163,7 @@ def test_bad_jobs_give_one_sentence_and_the_next_job_runs(worker, tiny_model_dir
         from framepack_local.weights.model_folder import check_model_folder
         check_model_folder(tmp_path / "no-models", "inverted")
     assert o2.error == str(info.value)
-    assert o3.status == "done" and o3.video_path.is_file()
+    assert o3.status == "done" and o3.video_path.is_file() and worker.outcome(k0).status == "done"
 
 
 def test_invalid_params_are_refused_at_submit(tmp_path):
