@@ -197,7 +197,10 @@ class Worker:
         if not isinstance(params, JobParams):
             raise InputError("The job settings are incomplete; fill in the form again.")
         params.validate()
-        return self._enqueue(_Ticket(self._new_key(), "new", describe(params), params=params))
+        # The ticket is the job id the folder will have: one id from Start to History.
+        key = store.new_job_id()
+        params = params.replace(extra={**params.extra, "job_id": key})
+        return self._enqueue(_Ticket(key, "new", describe(params), params=params))
 
     def resume(self, job_dir: str | Path, overrides: dict | None = None) -> str:
         """Queue a resume of a stopped or failed job folder; returns its ticket key.
@@ -217,8 +220,9 @@ class Worker:
         prompt = (record.get("params") or {}).get("prompt", "")
         short = " ".join(str(prompt).split())[:40]
         description = f"Resume {record.get('job_id', job_dir.name)} (“{short}”)"
-        return self._enqueue(_Ticket(self._new_key(), "resume", description, job_dir=job_dir,
-                                     overrides=dict(overrides) if overrides else None))
+        job_id = str(record.get("job_id") or job_dir.name)
+        return self._enqueue(_Ticket(job_id if store.JOB_ID_RE.match(job_id) else self._new_key(), "resume",
+                                     description, job_dir=job_dir, overrides=dict(overrides) if overrides else None))
 
     def stop(self, key: str | None = None) -> bool:
         """Stop the running job (within one sampling step) or drop a queued one. None = the running job."""
@@ -337,6 +341,8 @@ class Worker:
             if self._closed:
                 raise InputError("The app is shutting down; start the job again after restarting it.")
             self._queue.append(ticket)
+            # A resume reuses its job's id as the key: the earlier run's outcome is not this one's.
+            self._outcomes.pop(ticket.key, None)
             self._version += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="framepack-worker", daemon=True)

@@ -14,6 +14,7 @@ from framepack_local.errors import InputError, ModelFolderError
 from framepack_local.events import JobFinished, JobStarted, SectionFinished, StageChanged, StepProgress
 from framepack_local.params import JobParams
 from framepack_local.engine.generate import Engine
+from framepack_local.jobs import store
 from framepack_local.jobs.listing import list_jobs
 from framepack_local.worker import Worker, failure_sentence
 
@@ -345,3 +346,17 @@ def test_resume_a_stopped_job_with_the_real_engine(engine, tiny_model_dir, photo
     assert state.status == "done" and state.sections_done == 3 and state.final_video == resumed.video_path
     assert list_jobs(tmp_path)[0].status == "done"
     w.shutdown()
+
+
+def test_the_ticket_is_the_job_id_from_start_to_folder_and_resume(worker, tiny_model_dir, photo, tmp_path):
+    key = worker.submit(slow(tiny_model_dir, photo, tmp_path / "ids"))
+    assert store.JOB_ID_RE.match(key)  # not "job-1": the id History and the folder will show
+    wait_for(lambda: worker.snapshot().sections_done >= 1, what="a finished section")
+    assert worker.snapshot().job_id == key
+    worker.stop(key)
+    first = worker.wait(key, TIMEOUT)
+    assert first.status == "stopped" and first.job_dir.name == key == first.job_id
+    again = worker.resume(first.job_dir)
+    assert again == key and worker.outcome(key) is None  # the resume's own outcome, not the stopped one
+    worker.stop(key)
+    assert worker.wait(key, TIMEOUT).status in ("stopped", "done", "removed")  # removed if not started yet

@@ -209,7 +209,8 @@ class Engine:
         self._cache_plan(params)  # a cache that cannot work is refused now
 
         # 2. Job folder: parameters first, so even a crash leaves a record of what was asked.
-        job_id, job_dir = store.create_job_dir(params.outputs_path)
+        # The worker hands out the id at submit, so the page, the queue and the folder name agree.
+        job_id, job_dir = store.create_job_dir(params.outputs_path, params.extra.get("job_id"))
         record = {
             "job_id": job_id, "status": "running", "params": params.to_dict(), "seed": params.seed,
             "height": height, "width": width, "sections": sections,

@@ -44,9 +44,11 @@ def ensure_writable(outputs: Path) -> None:
         ) from exc
 
 
-def create_job_dir(outputs: Path) -> tuple[str, Path]:
+def create_job_dir(outputs: Path, job_id: str | None = None) -> tuple[str, Path]:
+    """A new job folder; `job_id` when the caller handed out the id already (the worker, at submit)."""
     ensure_writable(outputs)
-    job_id = new_job_id()
+    if job_id is None or not JOB_ID_RE.match(job_id) or (outputs / job_id).exists():
+        job_id = new_job_id()
     job_dir = outputs / job_id
     try:
         (job_dir / SECTIONS_DIR).mkdir(parents=True)
