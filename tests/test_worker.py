@@ -147,11 +147,22 @@ def test_stop_queued_job_removes_it(worker, tiny_model_dir, photo, tmp_path):
     assert worker.wait(k1, TIMEOUT).status in ("stopped", "removed")  # removed if it had not started yet
 
 
-def test_bad_jobs_give_one_sentence_and_the_next_job_runs(worker, tiny_model_dir, photo, tmp_path):
+def test_bad_jobs_give_one_sentence_and_the_next_job_runs(worker, recorder, tiny_model_dir, photo, tmp_path,
+                                                          monkeypatch):
     doomed = tmp_path / "doomed.png"
     shutil.copy(photo, doomed)
+    deleted = threading.Event()
+    generate = recorder.generate
+
+    def after_the_deletion(params, **kw):  # the idle worker would otherwise start it at once
+        if params.prompt == "gone":
+            assert deleted.wait(TIMEOUT)
+        return generate(params, **kw)
+
+    monkeypatch.setattr(recorder, "generate", after_the_deletion)
     k1 = worker.submit(tiny(tiny_model_dir, doomed, tmp_path / "out", prompt="gone"))
     doomed.unlink()  # deleted after submit, before it runs
+    deleted.set()
     k2 = worker.submit(tiny(tmp_path / "no-models", photo, tmp_path / "out", prompt="no models"))
     k3 = worker.submit(tiny(tiny_model_dir, photo, tmp_path / "out", prompt="fine"))
     o3 = worker.wait(k3, TIMEOUT)
