@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from appserver import healthy_app  # noqa: E402
+from appserver import module_turn  # noqa: E402
 
 TIMEOUT = 180
 FAST = dict(seconds=1, steps=2, window=2, resolution=64)  # 4 sections of 8 frames
@@ -16,8 +16,8 @@ SLOW = dict(seconds=20, steps=4, window=1, resolution=64)  # 150 sections: alway
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    with healthy_app(tiny_model_dir, tmp_path_factory.mktemp("client-app")) as srv:
+def server(app_server, request):
+    with module_turn(app_server, request.session) as srv:
         yield srv
 
 

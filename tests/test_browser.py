@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appserver import REPO, healthy_app
+from appserver import REPO, module_turn
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -26,8 +26,9 @@ pytest.importorskip("gradio")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    with healthy_app(tiny_model_dir, tmp_path_factory.mktemp("browser-app")) as srv:
+def server(app_server, request):
+    # conftest runs this module first on the shared server: a fresh tab shows no earlier job
+    with module_turn(app_server, request.session) as srv:
         yield srv
 
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,39 @@ def test_sigkill_mid_section_then_resume_is_bit_identical(tiny_model_dir, photo,
     common = ["--image", str(photo), "--models", str(tiny_model_dir), "--mode", mode, *ARGS]
     killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
 
+    # The uninterrupted reference runs in this process (the same engine the CLI runs; saves a process
+    # start), in a thread while the two CLI processes below start up and run.
+    reference = {}
+
+    def clean_run():
+        try:
+            reference["job_dir"] = Engine().generate(JobParams(
+                image=str(photo), models=str(tiny_model_dir), mode=mode, outputs=str(clean_out), prompt=ARGS[1],
+                seconds=float(ARGS[3]), window=int(ARGS[5]), steps=int(ARGS[7]), resolution=int(ARGS[9]),
+                seed=int(ARGS[11]))).job_dir
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test below
+            reference["error"] = e
+
+    clean_thread = threading.Thread(target=clean_run, name="clean-reference")
+    clean_thread.start()
+    try:
+        killed_and_resumed(common, killed_out)
+    finally:
+        clean_thread.join()
+    if "error" in reference:
+        raise reference["error"]
+    job_dir, clean_dir = only_job(killed_out), reference["job_dir"]
+
+    a, b = store.job_latents(job_dir, mode), store.job_latents(clean_dir, mode)
+    assert torch.equal(a, b)
+    final = store.read_record(job_dir)
+    assert final["status"] == "done" and final["resumed"] == 1
+    assert probe_video(job_dir / store.FINAL_VIDEO).frames == probe_video(clean_dir / store.FINAL_VIDEO).frames \
+        == final["frames"]
+
+
+def killed_and_resumed(common, killed_out):
+    """`generate` killed with SIGKILL while sampling section 3, found interrupted, then `resume`d."""
     proc = subprocess.Popen(cli("generate", *common, "--outputs", str(killed_out)), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -66,19 +100,6 @@ def test_sigkill_mid_section_then_resume_is_bit_identical(tiny_model_dir, photo,
     resumed = subprocess.run(cli("resume", str(job_dir)), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert Path(resumed.stdout.strip().splitlines()[-1]) == job_dir / store.FINAL_VIDEO
-
-    # The uninterrupted reference runs in this process (the same engine the CLI runs; saves a process start).
-    clean_dir = Engine().generate(JobParams(
-        image=str(photo), models=str(tiny_model_dir), mode=mode, outputs=str(clean_out), prompt=ARGS[1],
-        seconds=float(ARGS[3]), window=int(ARGS[5]), steps=int(ARGS[7]), resolution=int(ARGS[9]),
-        seed=int(ARGS[11]))).job_dir
-
-    a, b = store.job_latents(job_dir, mode), store.job_latents(clean_dir, mode)
-    assert torch.equal(a, b)
-    final = store.read_record(job_dir)
-    assert final["status"] == "done" and final["resumed"] == 1
-    assert probe_video(job_dir / store.FINAL_VIDEO).frames == probe_video(clean_dir / store.FINAL_VIDEO).frames \
-        == final["frames"]
 
 
 def test_stop_and_resume_through_the_api(tiny_model_dir, photo, tmp_path):

@@ -15,22 +15,20 @@ from PIL import Image
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from appserver import running_app  # noqa: E402
+from appserver import module_turn  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("secure-app")
-    outputs = base / "outputs"
+def server(app_server, request):
+    base, outputs = app_server.base, app_server.outputs  # the server's outputs folder and its parent
     job = outputs / "20260101-000000-abcdef"  # a finished job the page may serve
     job.mkdir(parents=True)
     Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(job / "input.png")
     (job / "job.json").write_text(json.dumps({"job_id": job.name, "status": "done", "params": {}}))
     (base / "secret.txt").write_text("not for the browser")
-    with running_app(tiny_model_dir, outputs, base) as srv:
-        srv.base = base
+    with module_turn(app_server, request.session, healthy=False) as srv:
         srv.job = job
         yield srv
 
@@ -96,7 +94,7 @@ def test_twenty_jobs_while_one_runs(server, photo):
         return client.predict(upload, None, "burst", seconds, 1, steps, 10.0, "inverted", window, 1.0, "", 0.0,
                               64, 16, "auto", 0, api_name="/start")[1]
 
-    long_key = start(3, 2, 1)  # 22 sections: still running while the burst arrives
+    long_key = start(20, 2, 1)  # 150 sections: still running while the burst arrives and is thinned out
     keys = [start(1, 1, 9) for _ in range(20)]  # one section each
     status = client.predict(api_name="/status")
     assert status["status"] == "running" and status["key"] == long_key
