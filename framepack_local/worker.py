@@ -80,6 +80,7 @@ class WorkerState:
     notices: tuple[str, ...]
     queue: tuple[QueuedJob, ...]
     version: int  # grows with every change, so pollers can skip identical updates
+    preview_frame_width: int = 0  # width of one latent frame in preview_rgb (0 = unknown)
 
     @property
     def running(self) -> bool:
@@ -132,6 +133,7 @@ class _Live:
     steps_timed: int = 0
     last_step_at: float | None = None
     preview_rgb: np.ndarray | None = None
+    preview_frame_width: int = 0
     partial_video: Path | None = None
     final_video: Path | None = None
     error: str | None = None
@@ -269,7 +271,7 @@ class Worker:
                 preview_rgb=live.preview_rgb, partial_video=live.partial_video, final_video=live.final_video,
                 error=live.error, notices=live.notices,
                 queue=tuple(QueuedJob(t.key, t.kind, t.description) for t in self._queue),
-                version=self._version,
+                version=self._version, preview_frame_width=live.preview_frame_width,
             )
 
     def outcome(self, key: str) -> JobOutcome | None:
@@ -474,6 +476,7 @@ class Worker:
             elif isinstance(event, JobStarted):
                 live.job_id, live.job_dir = event.job_id, Path(event.job_dir)
                 live.sections, live.steps = event.sections, event.steps
+                live.preview_frame_width = event.width // 8  # the VAE's spatial factor
             elif isinstance(event, Notice):
                 live.notices = (live.notices + (event.message,))[-_MAX_NOTICES:]
             elif isinstance(event, JobFinished):

@@ -158,3 +158,18 @@ def test_bad_input_is_one_sentence_and_server_stays_up(client, server, photo, tm
         start(client, big)
     assert "413" in str(info.value) or "size" in str(info.value).lower()
     assert server.alive() and status(client)["status"] in ("done", "stopped", "idle", "failed")
+
+
+def test_refusals_through_the_api_carry_a_sentence(server, client, tmp_path):
+    import httpx
+
+    fake = tmp_path / "holiday.png"
+    fake.write_bytes(b"this is not a picture")
+    message, ticket = client.predict(gradio_client.handle_file(str(fake)), api_name="/start")
+    assert ticket == "" and "is not an image this app can read" in message  # our sentence, not Gradio's
+    # A path nobody uploaded: Gradio refuses it before any handler runs, and now says why.
+    data = [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}] + [None] * 39
+    event = httpx.post(server.url + "gradio_api/call/start", json={"data": data}, timeout=30).json()["event_id"]
+    reply = httpx.get(server.url + f"gradio_api/call/start/{event}", timeout=60).text
+    assert "event: error" in reply and "not uploaded by a user" in reply and "Traceback" not in reply
+    assert server.alive()

@@ -180,6 +180,11 @@ def test_preview_html_is_an_inline_png():
     back = np.array(Image.open(io.BytesIO(base64.b64decode(data))))
     assert (back == rgb).all() and "section 1 &lt;of&gt; 2" in html
     assert "<img" not in render.preview_html(None)
+    # A section's frames side by side: the middle one large, the strip small under it.
+    strip = np.concatenate([np.full((6, 4, 3), 40 * i, np.uint8) for i in range(5)], axis=1)  # 5 frames, 4 wide
+    images = [np.array(Image.open(io.BytesIO(base64.b64decode(part.split('"')[0]))))
+              for part in render.preview_html(strip, "", frame_width=4).split("data:image/png;base64,")[1:]]
+    assert [i.shape for i in images] == [(6, 4, 3), (6, 20, 3)] and (images[0] == 80).all()
 
 
 # ----- the page with a fake engine -------------------------------------------------------------------------------
@@ -256,6 +261,8 @@ def test_start_stop_queue_and_poll(page, photo):
     assert "Section 1 of 2" in out["progress"] and "step 1 of 2" in out["progress"]
     assert "data:image/png;base64," in out["preview"] and "section 1 of 2, step 1 of 2" in out["preview"]
     assert out["partial_video"].endswith("partial.mp4") and out["final_video"] is None
+    served = Path(out["partial_video"])  # the job's own bytes under a per-section name: no copy
+    assert served.parent.name == ".preview" and served.stat().st_ino == (served.parent.parent / "partial.mp4").stat().st_ino
     assert key2 in out["queue_table"] and out["queue_pick"]["choices"] == [("#1 “second”, 1 s, inverted, seed 31337", key2)]
     assert out["stop_btn"]["interactive"] is True
     assert out["history_ids"] == ["20250101-000001-abcdef"]
@@ -454,7 +461,7 @@ def test_command_line_defaults_are_local_only(tmp_path):
     kw = launch.launch_kwargs(args, tmp_path / "models", tmp_path / "outputs")
     assert kw["server_name"] == "127.0.0.1" and kw["inbrowser"] is True
     assert kw["allowed_paths"] == [str(tmp_path / "outputs")] and kw["max_file_size"] == launch.MAX_UPLOAD
-    assert kw["show_error"] is False and kw["css"] and kw["theme"] is not None
+    assert kw["show_error"] is True and kw["css"] and kw["theme"] is not None  # Gradio's refusals carry their sentence
     args = launch.parse_args(["--listen", "--no-browser", "--port", "9000", "--demo", "--models", "m", "--outputs", "o"])
     kw = launch.launch_kwargs(args, tmp_path, tmp_path)
     assert (kw["server_name"], kw["server_port"], kw["inbrowser"]) == ("0.0.0.0", 9000, False)
@@ -478,3 +485,19 @@ def test_demo_builds_a_tiny_model_once(tmp_path):
     stamp = (models / "source.json").stat().st_mtime_ns
     assert launch.resolve_models(args) == models and (models / "source.json").stat().st_mtime_ns == stamp
     assert launch.resolve_models(launch.parse_args([])) == DEFAULT_MODELS
+
+
+def test_a_cpu_page_starts_with_a_job_that_takes_seconds(tiny_model_dir, tmp_path):
+    from framepack_local.worker import Worker as RealWorker
+
+    worker = RealWorker(engine=object())
+    try:
+        app = layout.build_app(worker, tiny_model_dir, tmp_path / "outputs")
+    finally:
+        worker.shutdown()
+    by_id = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
+    # No GPU here: the small settings, and the page says why.
+    assert (by_id["seconds"].value, by_id["steps"].value, by_id["resolution"].value) == (
+        forms.SMALL_JOB["seconds"], forms.SMALL_JOB["steps"], forms.SMALL_JOB["resolution"])
+    assert "No GPU was found" in by_id["header"].value and "small_banner" in by_id["header"].value
+    assert forms.form_defaults(False) == forms.DEFAULTS and forms.DEFAULTS.steps == 25

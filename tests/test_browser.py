@@ -202,3 +202,51 @@ def test_storyboard_rows_reach_the_job(server, context, photo, end_photo):
     assert record["params"]["timed_prompts"] == [[0.3, "a storm rolls in"]]
     assert [k["at"] for k in record["storyboard"]["keyframes"]] == [0.5]
     assert (server.outputs / job / "keyframe_01.png").is_file()
+
+
+def test_a_ten_section_job_is_served_from_its_folder_and_the_page_follows_it(server, context, photo):
+    cache = server.log_path.parent / "gradio-cache"
+    copies_before = len(list(cache.rglob("*.mp4"))) if cache.is_dir() else 0
+    page = open_page(context, server.url)
+    page.locator("#start_image input[type=file]").set_input_files(str(photo))
+    page.locator("#start_image img").first.wait_for(state="visible")
+    page.locator("#prompt textarea").fill("a lighthouse at dusk")
+    set_number(page, "seconds", 1.3)
+    set_number(page, "steps", 12)  # about a second per section here: a few polls see each one
+    page.locator("#advanced .label-wrap").click()
+    page.locator("#resolution").wait_for(state="visible")
+    set_number(page, "resolution", 64)
+    set_number(page, "window", 1)
+    page.wait_for_function("() => document.querySelector('#length_line').innerText.includes('10 sections')")
+    # Start sits with the inputs at the top, above the settings.
+    start_box, advanced_box = page.locator("#start_btn").bounding_box(), page.locator("#advanced").bounding_box()
+    assert start_box["y"] < advanced_box["y"]
+
+    before = page.locator("#progress .fpl-progress").get_attribute("data-job") or ""
+    page.locator("#start_btn").click()
+    page.wait_for_function("() => document.querySelector('#message').innerText.includes('Started')")
+    message = page.locator("#message").inner_text()
+    page.wait_for_function("""before => { const p = document.querySelector('#progress .fpl-progress');
+                                          return p && p.dataset.job && p.dataset.job !== before; }""", arg=before)
+    job = page.locator("#progress .fpl-progress").get_attribute("data-job")
+    assert job in message  # the id Start names is the job's folder and History entry
+
+    sources = set()
+    for _ in range(2):  # the video so far is a new file name after each section, so the browser reloads it
+        page.wait_for_function(
+            """seen => { const v = document.querySelector('#partial_video video');
+                         return v && v.currentSrc && !seen.includes(v.currentSrc); }""", arg=list(sources))
+        sources.add(page.locator("#partial_video video").evaluate("v => v.currentSrc"))
+        if len(sources) == 1:
+            page.locator("#preview img.fpl-frame").wait_for(state="visible")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "page-mid-job.png"), full_page=True)
+    assert all(f"{job}/.preview/" in src and src.endswith("partial.mp4") for src in sources), sources
+
+    page.wait_for_function(
+        "() => { const p = document.querySelector('#progress .fpl-progress'); return p && p.dataset.status === 'done'; }")
+    assert video_duration(page, "final_video") > 0
+    page.screenshot(path=str(ARTIFACTS / "page-after-job.png"), full_page=True)
+    copies_after = len(list(cache.rglob("*.mp4"))) if cache.is_dir() else 0
+    assert copies_after - copies_before <= 1, (copies_before, copies_after)
+    assert not (server.outputs / job / ".preview").exists()  # the per-section names go with the final video

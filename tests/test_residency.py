@@ -58,9 +58,10 @@ def test_memory_does_not_grow_over_ten_jobs(tiny_model_dir, photo, tmp_path):
         gc.collect()
         rss.append(anon_rss_bytes())
     # Job 1 pays one-off allocations. The allocator's transient spikes (+/-50 MB between single jobs,
-    # seen on an unchanged tree) only ever add, while a leak raises the floor: compare the lowest RSS
-    # of jobs 8-10 with the lowest of jobs 2-4.
-    assert min(rss[7:]) <= min(rss[1:4]) * 1.05, [r // 2**20 for r in rss]
+    # seen on an unchanged tree; in a full run the RSS also flips between two levels 45 MB apart) only
+    # ever add, while a leak raises the floor: compare the lowest RSS of jobs 8-10 with the lowest of
+    # jobs 2-4, allowing 60 MB, less than a 20 MB-per-job leak adds over those six jobs (120 MB).
+    assert min(rss[7:]) <= min(rss[1:4]) + 60 * 2**20, [r // 2**20 for r in rss]
 
 
 def test_streamed_text_encoder_matches_the_plain_one(tiny_model_dir):

@@ -14,6 +14,9 @@ from ..params import MAX_RESOLUTION, MAX_STEPS, MAX_WINDOW, MIN_RESOLUTION, SPEE
 MIN_SECONDS_UI, MAX_SECONDS_UI = 1, 120
 RANDOM_SEED_MAX = 2**31 - 1  # stays exact in the browser's JavaScript numbers
 DEFAULTS = JobParams(image="")
+# Where the page starts on a CPU or in demo mode: a short job in seconds instead of minutes (the
+# defaults above take about three minutes even on the tiny demo model on a 2-core CPU).
+SMALL_JOB = {"seconds": 3.0, "steps": 10, "resolution": 256}
 MAX_KEEP_FREE_GB = 128
 # Form fields in the order of the Start endpoint's inputs (also what "reuse settings" fills).
 FORM_FIELDS = (
@@ -21,6 +24,11 @@ FORM_FIELDS = (
     "negative_prompt", "cfg_rescale", "resolution", "crf", "memory_profile", "keep_free_gb",
     "cache", "cache_threshold", "cache_max_skip", "cache_retention", "attention", "prompt_blend",
 ) + STORY_FIELDS
+
+
+def form_defaults(small: bool) -> JobParams:
+    """The settings the page starts with."""
+    return DEFAULTS.replace(**SMALL_JOB) if small else DEFAULTS
 
 
 def length_line(seconds: Any, window: Any) -> str:

@@ -22,6 +22,7 @@ from ..weights.model_folder import missing_parts
 from ..worker import Worker
 from .downloads import DownloadManager
 from .forms import FORM_FIELDS, form_to_params, params_to_form
+from .serving import drop_previews, section_video
 from .render import (
     download_html, history_caption, history_details, models_report, preview_html, progress_html, queue_choices,
     queue_html, system_html,
@@ -268,13 +269,14 @@ class Page:
         preview_sig = [state.section, state.step] if state.preview_rgb is not None else None
         if preview_sig != shown.get("preview"):
             out["preview"] = preview_html(state.preview_rgb, f"Latest preview: section {state.section} of "
-                                                             f"{state.sections}, step {state.step} of {state.steps}")
+                                                             f"{state.sections}, step {state.step} of {state.steps}",
+                                          state.preview_frame_width)
             shown["preview"] = preview_sig
 
         partial = state.partial_video
         partial_sig = [str(partial), state.sections_done] if partial is not None and partial.is_file() else None
         if partial_sig is not None and partial_sig != shown.get("partial") and state.final_video is None:
-            out["partial_video"] = str(partial)
+            out["partial_video"] = str(section_video(partial, state.sections_done))
             shown["partial"] = partial_sig
 
         final = state.final_video
@@ -282,6 +284,7 @@ class Page:
         if final_sig is not None and final_sig != shown.get("final"):
             out["final_video"] = final_sig
             shown["final"] = final_sig
+            drop_previews(final.parent)
 
         if state.running != shown.get("running"):
             out["stop_btn"] = gr.update(interactive=state.running)

@@ -58,7 +58,10 @@ def launch_kwargs(args: argparse.Namespace, models_dir: Path, outputs_dir: Path)
         allowed_paths=[str(outputs_dir)],
         blocked_paths=[str(models_dir)],
         max_file_size=MAX_UPLOAD,
-        show_error=False,  # errors reach the page as our own sentences, never as tracebacks
+        # Handlers answer with our own sentences; what Gradio refuses before a handler runs (a file that
+        # was never uploaded) reaches the caller with Gradio's sentence instead of an empty error.
+        # Never a traceback either way.
+        show_error=True,
         theme=make_theme(),
         css=CSS,
     )

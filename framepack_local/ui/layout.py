@@ -13,10 +13,12 @@ from ..params import (
 from ..worker import Worker
 from .downloads import DownloadManager
 from .forms import (
-    DEFAULTS, FORM_FIELDS, MAX_KEEP_FREE_GB, MAX_SECONDS_UI, MIN_SECONDS_UI, RANDOM_SEED_MAX, length_line,
+    DEFAULTS, FORM_FIELDS, MAX_KEEP_FREE_GB, MAX_SECONDS_UI, MIN_SECONDS_UI, RANDOM_SEED_MAX, SMALL_JOB,
+    form_defaults, length_line,
     speed_choice, speed_settings,
 )
 from .handlers import POLL_OUTPUTS, Page, form_endpoint
+from .serving import serve_static
 from .story import STORY_FIELDS, STORY_ROWS, plan_preview_html
 from .render import header_html, history_details, models_report, preview_html, progress_html, queue_html
 
@@ -65,8 +67,10 @@ table.fpl-queue td, table.fpl-queue th, table.fpl-system td, table.fpl-system th
 pre.fpl-plan { font-size: .8em; margin: 0; white-space: pre; overflow-x: auto; }
 .fpl-plan-box { max-height: 240px; overflow-y: auto; }
 .fpl-plan-error { font-size: .9em; color: #7a0000; }
-.fpl-preview img { width: 100%; height: 200px; object-fit: contain; image-rendering: pixelated;
+.fpl-preview img { width: 100%; object-fit: contain; image-rendering: pixelated;
   background: var(--background-fill-secondary); border-radius: 6px; }
+.fpl-preview img.fpl-frame { height: 300px; }
+.fpl-preview img.fpl-strip { height: 48px; margin-top: .3em; }
 #stop_btn:not(:disabled) { background: #d93025; border-color: #d93025; color: #fff; }
 """
 
@@ -75,6 +79,32 @@ def make_theme():
     # System fonts only: the page must not reach out to a font service (offline machines, privacy).
     return gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - a broken driver: treat it as no GPU
+        return False
+
+
+def photo_box(**kwargs) -> gr.Image:
+    """gr.Image whose unreadable upload reaches the handler, which refuses it in one sentence (Gradio's own
+    decoding would fail first, with a message the API caller never sees). Wrapped per instance: a
+    subclass of a Gradio component makes Gradio write a .pyi file next to this module."""
+    box = gr.Image(**kwargs)
+    decode = box.preprocess
+
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except Exception:  # noqa: BLE001 - not an image: load_image in the handler says so
+            return str(payload.path) if payload is not None and getattr(payload, "path", None) else None
+
+    box.preprocess = preprocess
+    return box
 
 
 def remove_story_row(count) -> list:
@@ -96,14 +126,17 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
               downloads: DownloadManager | None = None) -> gr.Blocks:
     """The page. Nothing runs until it is launched; `app.page` holds the handlers' shared state."""
     page = Page(worker, Path(models_dir), Path(outputs_dir), demo=demo, listen=listen, downloads=downloads)
+    serve_static(Path(outputs_dir))  # videos straight from the job folders, never copied per section
     complete, models_text = models_report(page.models_dir)
+    small = demo or not _has_cuda()  # start with a job that finishes in seconds (forms.SMALL_JOB)
+    start = form_defaults(small)
     hidden = dict(show_progress="hidden")
     private = dict(show_progress="hidden", api_visibility="private")
 
     with gr.Blocks(title="FramePack Local", delete_cache=(1800, 6 * 3600), analytics_enabled=False) as app:
         shown = gr.State({})
         history_ids = gr.State([])
-        gr.HTML(header_html(demo, listen), elem_id="header")
+        gr.HTML(header_html(demo, listen, SMALL_JOB if small else None), elem_id="header")
 
         with gr.Group(visible=not complete, elem_id="models_panel") as models_group:
             models_md = gr.Markdown(models_text, elem_id="models_md")
@@ -120,12 +153,30 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 with gr.Row():
-                    image = gr.Image(label="Start photo", sources=["upload", "clipboard"],
+                    image = photo_box(label="Start photo", sources=["upload", "clipboard"],
                                      type="filepath", image_mode=None, height=260, elem_id="start_image")
-                    end_image = gr.Image(label="End frame (optional)", sources=["upload", "clipboard"],
+                    end_image = photo_box(label="End frame (optional)", sources=["upload", "clipboard"],
                                          type="filepath", image_mode=None, height=260, elem_id="end_image")
                 prompt = gr.Textbox(label="What should happen", lines=2, elem_id="prompt",
                                     placeholder="The girl dances gracefully, with clear movements, full of charm.")
+                seconds = gr.Slider(MIN_SECONDS_UI, MAX_SECONDS_UI, value=start.seconds, step=0.1,
+                                    label="Length (seconds)", elem_id="seconds")
+                length_md = gr.Markdown(length_line(start.seconds, start.window), elem_id="length_line")
+                with gr.Row():
+                    start_btn = gr.Button("Start", variant="primary", elem_id="start_btn")
+                    stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop_btn")
+                message = gr.Markdown("", elem_id="message")
+                ticket = gr.Textbox(visible=False, elem_id="ticket")
+
+                with gr.Row(equal_height=True):
+                    seed = gr.Number(value=DEFAULTS.seed, precision=0, minimum=0, label="Seed", elem_id="seed",
+                                     scale=3)
+                    random_btn = gr.Button("Random seed", size="sm", elem_id="random_seed", scale=1, min_width=80)
+                steps = gr.Slider(1, MAX_STEPS, value=start.steps, step=1, label="Steps", elem_id="steps")
+                distilled_cfg = gr.Slider(1, 32, value=DEFAULTS.distilled_cfg, step=0.1, label="Distilled CFG",
+                                          elem_id="distilled_cfg")
+                speed = gr.Radio([("Off (exact)", "off"), ("Balanced", "balanced"), ("Fast", "fast")],
+                                 value=speed_of(DEFAULTS.to_dict()), label="Speed", info=SPEED_HELP, elem_id="speed")
                 with gr.Accordion("Storyboard: prompts over time, keyframes", open=False, elem_id="storyboard"):
                     gr.Markdown(STORY_HELP)
                     story_count = gr.State(1)
@@ -136,7 +187,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                                                           scale=1, min_width=80))
                             story_fields.append(gr.Textbox(label="Prompt from here on (optional)", lines=2,
                                                            elem_id=f"story_prompt_{i}", scale=4))
-                            story_fields.append(gr.Image(label="Keyframe (optional)", sources=["upload", "clipboard"],
+                            story_fields.append(photo_box(label="Keyframe (optional)", sources=["upload", "clipboard"],
                                                          type="filepath", image_mode=None, height=110,
                                                          elem_id=f"story_image_{i}", scale=2, min_width=120))
                         story_rows.append(row)
@@ -147,18 +198,6 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                                              label="Blend a prompt change over this many sections (0 = at once)",
                                              elem_id="prompt_blend")
                     plan_box = gr.HTML("", elem_id="section_plan")
-                seconds = gr.Slider(MIN_SECONDS_UI, MAX_SECONDS_UI, value=DEFAULTS.seconds, step=0.1,
-                                    label="Length (seconds)", elem_id="seconds")
-                length_md = gr.Markdown(length_line(DEFAULTS.seconds, DEFAULTS.window), elem_id="length_line")
-                with gr.Row(equal_height=True):
-                    seed = gr.Number(value=DEFAULTS.seed, precision=0, minimum=0, label="Seed", elem_id="seed",
-                                     scale=3)
-                    random_btn = gr.Button("Random seed", size="sm", elem_id="random_seed", scale=1, min_width=80)
-                steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS.steps, step=1, label="Steps", elem_id="steps")
-                distilled_cfg = gr.Slider(1, 32, value=DEFAULTS.distilled_cfg, step=0.1, label="Distilled CFG",
-                                          elem_id="distilled_cfg")
-                speed = gr.Radio([("Off (exact)", "off"), ("Balanced", "balanced"), ("Fast", "fast")],
-                                 value=speed_of(DEFAULTS.to_dict()), label="Speed", info=SPEED_HELP, elem_id="speed")
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                     mode = gr.Radio([("Inverted anti-drift", "inverted"), ("Forward (F1)", "forward")],
                                     value=DEFAULTS.mode, label="Mode", elem_id="mode")
@@ -172,7 +211,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                                                  elem_id="negative_prompt")
                     cfg_rescale = gr.Slider(0, 1, value=DEFAULTS.cfg_rescale, step=0.01, label="CFG rescale",
                                             elem_id="cfg_rescale")
-                    resolution = gr.Slider(MIN_RESOLUTION, MAX_RESOLUTION, value=DEFAULTS.resolution, step=16,
+                    resolution = gr.Slider(MIN_RESOLUTION, MAX_RESOLUTION, value=start.resolution, step=16,
                                            label="Resolution (bucket base, px)", elem_id="resolution")
                     crf = gr.Slider(0, 51, value=DEFAULTS.crf, step=1, label="MP4 quality (CRF; lower = better)",
                                     elem_id="crf")
@@ -199,25 +238,20 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                         keep_free_gb = gr.Number(value=DEFAULTS.keep_free_gb, minimum=0, maximum=MAX_KEEP_FREE_GB,
                                                  label="GPU memory to keep free (GB, 0 = automatic)",
                                                  elem_id="keep_free_gb")
-                with gr.Row():
-                    start_btn = gr.Button("Start", variant="primary", elem_id="start_btn")
-                    stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop_btn")
-                message = gr.Markdown("", elem_id="message")
-                ticket = gr.Textbox(visible=False, elem_id="ticket")
-
-            with gr.Column(scale=6):
+            with gr.Column(scale=6, elem_id="results"):
                 progress = gr.HTML(progress_html(None), elem_id="progress")
+                preview = gr.HTML(preview_html(None), elem_id="preview")
                 with gr.Row():
-                    preview = gr.HTML(preview_html(None), elem_id="preview")
                     partial_video = gr.Video(label="Video so far", interactive=False, autoplay=True, loop=True,
-                                             height=220, elem_id="partial_video")
-                final_video = gr.Video(label="Final video", interactive=False, elem_id="final_video")
-                with gr.Accordion("Queue", open=True, elem_id="queue"):
-                    queue_table = gr.HTML(queue_html(worker.snapshot()), elem_id="queue_table")
-                    with gr.Row():
-                        queue_pick = gr.Dropdown([], label="Queued job", value=None, allow_custom_value=True,
-                                                 elem_id="queue_pick", scale=3)
-                        remove_btn = gr.Button("Remove from queue", elem_id="remove_btn", scale=1)
+                                             height=260, elem_id="partial_video")
+                    final_video = gr.Video(label="Final video", interactive=False, height=260, elem_id="final_video")
+
+        with gr.Accordion("Queue", open=True, elem_id="queue"):
+            queue_table = gr.HTML(queue_html(worker.snapshot()), elem_id="queue_table")
+            with gr.Row():
+                queue_pick = gr.Dropdown([], label="Queued job", value=None, allow_custom_value=True,
+                                         elem_id="queue_pick", scale=3)
+                remove_btn = gr.Button("Remove from queue", elem_id="remove_btn", scale=1)
 
         with gr.Accordion("History", open=True, elem_id="history"):
             gallery = gr.Gallery(label="Past jobs (newest first)", columns=8, height=220, allow_preview=False,

@@ -39,19 +39,28 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes / 1e3:.0f} kB"
 
 
-def preview_html(rgb: np.ndarray | None, caption: str = "") -> str:
-    """The latest latent preview as an inline PNG: nothing is written to disk for it, however long the job.
-
-    The preview is latent-sized (1/8 of the video), so the browser enlarges it without smoothing.
-    """
-    if rgb is None:
-        return '<div class="fpl-preview fpl-empty">The latest preview appears here while a job samples.</div>'
+def _png_data(rgb: np.ndarray) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return (f'<div class="fpl-preview"><img alt="latest latent preview" src="data:image/png;base64,{data}">'
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def preview_html(rgb: np.ndarray | None, caption: str = "", frame_width: int = 0) -> str:
+    """The latest latent preview as inline PNGs: nothing is written to disk for it, however long the job.
+
+    The preview holds the section's frames side by side at 1/8 of the video's size: the middle frame is
+    shown large (the browser enlarges it without smoothing), the whole strip small beneath it.
+    """
+    if rgb is None:
+        return '<div class="fpl-preview fpl-empty">The latest preview appears here while a job samples.</div>'
+    frames = rgb.shape[1] // frame_width if frame_width and rgb.shape[1] % frame_width == 0 else 1
+    middle = rgb[:, (frames // 2) * frame_width:(frames // 2 + 1) * frame_width] if frames > 1 else rgb
+    strip = (f'<img class="fpl-strip" alt="every frame of the section" src="data:image/png;base64,{_png_data(rgb)}">'
+             if frames > 1 else "")
+    return (f'<div class="fpl-preview"><img class="fpl-frame" alt="latest latent preview, middle frame" '
+            f'src="data:image/png;base64,{_png_data(middle)}">{strip}'
             f'<div class="fpl-sub">{html.escape(caption)}</div></div>')
 
 
@@ -140,13 +149,18 @@ def history_details(job: JobSummary | None) -> str:
     return "  \n".join(lines)
 
 
-def header_html(demo: bool, listen: bool) -> str:
+def header_html(demo: bool, listen: bool, small: dict | None = None) -> str:
     parts = ['<div class="fpl-header"><h1>FramePack Local</h1>'
              "<p>One photo in, a long video out: drop a photo, say what should happen, choose a length, "
              "press Start. A preview appears after every step and a playable video after every section.</p></div>"]
     if demo:
         parts.append('<div class="fpl-banner fpl-demo" id="demo_banner">Demo mode: this runs a tiny random '
                      "model, so every video is noise. Use it to try the page, not to judge results.</div>")
+    if small:
+        why = "Demo mode" if demo else "No GPU was found"
+        parts.append(f'<div class="fpl-banner fpl-demo" id="small_banner">{why}: the form starts small '
+                     f'({small["seconds"]:g} s, {small["steps"]} steps, {small["resolution"]} px) so a job takes seconds '
+                     "instead of minutes. Raise them for a real video.</div>")
     if listen:
         parts.append('<div class="fpl-banner fpl-warn" id="listen_banner">This page is open to your network '
                      "(--listen): anyone who can reach this computer can run jobs and see your videos.</div>")
