@@ -143,6 +143,7 @@ def test_progress_html_running():
     assert "Stopping after the current step" in render.progress_html(state(status="stopping"))
     # The step cache's count: shown once a step was reused, never when every step ran.
     assert "12 of 25 steps computed" in render.progress_html(state(step=25, steps=25, computed=12))
+    assert "job 20250101-000000-abcdef" in html  # the id of the folder and the History entry
     assert "steps computed" not in render.progress_html(state(step=3, computed=3))
 
 

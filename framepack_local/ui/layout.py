@@ -90,6 +90,15 @@ def _has_cuda() -> bool:
         return False
 
 
+def _gpu_problem() -> str | None:
+    from ..memory.gpu_check import check_gpu
+
+    try:
+        return check_gpu()
+    except Exception:  # noqa: BLE001 - the check must never keep the page from starting
+        return None
+
+
 def photo_box(**kwargs) -> gr.Image:
     """gr.Image whose unreadable upload reaches the handler, which refuses it in one sentence (Gradio's own
     decoding would fail first, with a message the API caller never sees). Wrapped per instance: a
@@ -128,6 +137,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
     page = Page(worker, Path(models_dir), Path(outputs_dir), demo=demo, listen=listen, downloads=downloads)
     serve_static(Path(outputs_dir))  # videos straight from the job folders, never copied per section
     complete, models_text = models_report(page.models_dir)
+    gpu_problem = _gpu_problem()  # an NVIDIA GPU that torch cannot use: say so instead of running on the CPU
     small = demo or not _has_cuda()  # start with a job that finishes in seconds (forms.SMALL_JOB)
     start = form_defaults(small)
     hidden = dict(show_progress="hidden")
@@ -136,7 +146,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
     with gr.Blocks(title="FramePack Local", delete_cache=(1800, 6 * 3600), analytics_enabled=False) as app:
         shown = gr.State({})
         history_ids = gr.State([])
-        gr.HTML(header_html(demo, listen, SMALL_JOB if small else None), elem_id="header")
+        gr.HTML(header_html(demo, listen, SMALL_JOB if small else None, gpu_problem), elem_id="header")
 
         with gr.Group(visible=not complete, elem_id="models_panel") as models_group:
             models_md = gr.Markdown(models_text, elem_id="models_md")

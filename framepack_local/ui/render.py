@@ -71,7 +71,7 @@ def progress_html(state: WorkerState | None) -> str:
                 "describe what should happen and press Start.</div>")
     esc = html.escape
     pct = 100.0 * state.fraction
-    line2 = esc(state.description)
+    line2 = esc(state.description) + (f" · job {esc(state.job_id)}" if state.job_id else "")
     if state.running:
         if state.sections and state.step:
             computed = ("" if state.computed is None or state.computed >= state.step
@@ -149,13 +149,15 @@ def history_details(job: JobSummary | None) -> str:
     return "  \n".join(lines)
 
 
-def header_html(demo: bool, listen: bool, small: dict | None = None) -> str:
+def header_html(demo: bool, listen: bool, small: dict | None = None, gpu_problem: str | None = None) -> str:
     parts = ['<div class="fpl-header"><h1>FramePack Local</h1>'
              "<p>One photo in, a long video out: drop a photo, say what should happen, choose a length, "
              "press Start. A preview appears after every step and a playable video after every section.</p></div>"]
     if demo:
         parts.append('<div class="fpl-banner fpl-demo" id="demo_banner">Demo mode: this runs a tiny random '
                      "model, so every video is noise. Use it to try the page, not to judge results.</div>")
+    if gpu_problem:
+        parts.append(f'<div class="fpl-banner fpl-warn" id="gpu_banner">{html.escape(gpu_problem)}</div>')
     if small:
         why = "Demo mode" if demo else "No GPU was found"
         parts.append(f'<div class="fpl-banner fpl-demo" id="small_banner">{why}: the form starts small '

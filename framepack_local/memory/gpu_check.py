@@ -1,0 +1,103 @@
+"""Can PyTorch use this computer's NVIDIA GPU? One sentence with the cause and the fix when it cannot.
+
+The common failure is silent: an NVIDIA GPU is there, but torch.cuda.is_available() is false (a CPU
+wheel, a driver older than the wheel's CUDA, or a GPU generation the wheel has no kernels for), and
+a 13B model would run on the CPU. ``gpu_verdict`` is pure (tested with saved nvidia-smi outputs);
+``check_gpu`` gathers the facts on this machine. The page shows the sentence as a banner.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+TORCH_INDEX = "https://download.pytorch.org/whl/{}"
+# (newest CUDA the driver must support, wheel tag), newest first: what run.sh can install instead.
+WHEELS = ((13.0, "cu130"), (12.8, "cu128"), (12.6, "cu126"))
+# GPU generations that need a newer CUDA build than older wheels carry (Blackwell: sm_100/sm_120).
+MIN_CUDA_FOR_CAPABILITY = {(10, 0): 12.8, (12, 0): 12.8}
+REINSTALL = "delete the .venv folder and run ./run.sh again"
+
+
+@dataclass(frozen=True)
+class NvidiaSmi:
+    gpu_name: str
+    driver: str
+    cuda: float | None  # newest CUDA the driver supports ("CUDA Version" in nvidia-smi's header)
+    capability: tuple[int, int] | None
+
+
+def parse_nvidia_smi(header: str, query_csv: str) -> NvidiaSmi | None:
+    """`nvidia-smi` (header) and `nvidia-smi --query-gpu=name,driver_version,compute_cap
+    --format=csv,noheader` output -> facts of the first GPU; None when no GPU is listed."""
+    rows = [r.strip() for r in query_csv.strip().splitlines() if r.strip()]
+    if not rows:
+        return None
+    fields = [f.strip() for f in rows[0].split(",")]
+    name, driver = fields[0], fields[1] if len(fields) > 1 else "?"
+    capability = None
+    if len(fields) > 2 and re.fullmatch(r"\d+\.\d+", fields[2]):
+        major, minor = fields[2].split(".")
+        capability = (int(major), int(minor))
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
+    return NvidiaSmi(name, driver, float(cuda.group(1)) if cuda else None, capability)
+
+
+def _wheel_for(driver_cuda: float | None) -> str | None:
+    for needs, tag in WHEELS:
+        if driver_cuda is not None and driver_cuda >= needs:
+            return tag
+    return None
+
+
+def gpu_verdict(smi: NvidiaSmi | None, torch_cuda: str | None, cuda_available: bool,
+                arch_list: tuple[str, ...] = ()) -> str | None:
+    """None when all is well (or there is no NVIDIA GPU); else one sentence: the cause and the fix."""
+    if smi is None or cuda_available:
+        return None
+    gpu = f"An NVIDIA GPU ({smi.gpu_name}) is here"
+    if torch_cuda is None:
+        return (f"{gpu}, but the installed PyTorch is the CPU build, so jobs would run on the CPU; "
+                f"{REINSTALL} (it installs the CUDA build when nvidia-smi answers).")
+    built = float(".".join(torch_cuda.split(".")[:2]))
+    if smi.cuda is not None and smi.cuda < built:
+        wheel = _wheel_for(smi.cuda)
+        fix = (f"update the NVIDIA driver, or install a build it supports: "
+               f"FPL_TORCH_INDEX={TORCH_INDEX.format(wheel)} ./run.sh after deleting .venv" if wheel
+               else "update the NVIDIA driver (580 or newer runs every build)")
+        return (f"{gpu}, but its driver {smi.driver} supports CUDA up to {smi.cuda:g} while PyTorch was built "
+                f"for CUDA {torch_cuda}, so the GPU cannot be used; {fix}.")
+    need = MIN_CUDA_FOR_CAPABILITY.get(smi.capability) if smi.capability else None
+    sm = f"sm_{smi.capability[0]}{smi.capability[1]}" if smi.capability else None
+    if (need is not None and built < need) or (sm and arch_list and sm not in arch_list):
+        wheel = "cu128" if need is None or need <= 12.8 else "cu130"
+        return (f"{gpu}, but this PyTorch (CUDA {torch_cuda}) has no kernels for its generation "
+                f"(compute capability {smi.capability[0]}.{smi.capability[1]}); delete .venv and run "
+                f"FPL_TORCH_INDEX={TORCH_INDEX.format(wheel)} ./run.sh.")
+    return (f"{gpu}, but PyTorch cannot use it (CUDA {torch_cuda} build, driver {smi.driver}); check that "
+            f"nvidia-smi works for this user and restart the computer after a driver update.")
+
+
+def read_nvidia_smi(timeout: float = 10.0) -> NvidiaSmi | None:
+    """This machine's nvidia-smi facts; None without an NVIDIA driver."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        header = subprocess.run([exe], capture_output=True, text=True, timeout=timeout).stdout
+        query = subprocess.run([exe, "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=timeout).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvidia_smi(header, query)
+
+
+def check_gpu() -> str | None:
+    """The verdict for this machine (imports torch)."""
+    import torch
+
+    available = torch.cuda.is_available()
+    arch = tuple(torch.cuda.get_arch_list()) if torch.version.cuda else ()
+    return gpu_verdict(read_nvidia_smi(), torch.version.cuda, available, arch)

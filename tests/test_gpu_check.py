@@ -1,0 +1,36 @@
+"""The GPU verdict: every cause of "an NVIDIA GPU is here but torch cannot use it", from saved outputs."""
+
+from pathlib import Path
+
+from framepack_local.memory.gpu_check import gpu_verdict, parse_nvidia_smi
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nvidia_smi"
+RTX3060 = parse_nvidia_smi((FIXTURES / "header_550.txt").read_text(), "NVIDIA GeForce RTX 3060, 550.120, 8.6\n")
+RTX5070 = parse_nvidia_smi((FIXTURES / "header_580.txt").read_text(), "NVIDIA GeForce RTX 5070, 580.95.05, 12.0\n")
+
+
+def test_parsing_saved_outputs():
+    assert (RTX3060.gpu_name, RTX3060.driver, RTX3060.cuda, RTX3060.capability) == (
+        "NVIDIA GeForce RTX 3060", "550.120", 12.4, (8, 6))
+    assert RTX5070.cuda == 13.0 and RTX5070.capability == (12, 0)
+    assert parse_nvidia_smi("", "") is None  # no GPU listed
+    old_driver = parse_nvidia_smi("Driver Version: 470.1  CUDA Version: 11.4", "Tesla K80, 470.1, [N/A]")
+    assert old_driver.capability is None and old_driver.cuda == 11.4
+
+
+def test_each_cause_gets_its_sentence_and_fix():
+    assert gpu_verdict(None, None, False) is None  # no NVIDIA GPU: nothing to say (the page starts small)
+    assert gpu_verdict(RTX3060, "12.6", True) is None  # works
+    cpu_wheel = gpu_verdict(RTX3060, None, False)
+    assert "CPU build" in cpu_wheel and "run ./run.sh again" in cpu_wheel
+    old_driver = gpu_verdict(RTX3060, "13.0", False)
+    assert "supports CUDA up to 12.4" in old_driver and "built for CUDA 13.0" in old_driver
+    assert "whl/cu126" not in old_driver and "update the NVIDIA driver" in old_driver  # 12.4 < every wheel
+    newer = parse_nvidia_smi("CUDA Version: 12.8", "NVIDIA RTX 4090, 570.1, 8.9")
+    assert "FPL_TORCH_INDEX=https://download.pytorch.org/whl/cu128" in gpu_verdict(newer, "13.0", False)
+    blackwell = gpu_verdict(RTX5070, "12.6", False, ("sm_80", "sm_86", "sm_90"))
+    assert "no kernels for its generation (compute capability 12.0)" in blackwell and "cu128" in blackwell
+    other = gpu_verdict(RTX3060, "12.4", False, ("sm_86",))
+    assert "cannot use it" in other
+    for sentence in (cpu_wheel, old_driver, blackwell, other):
+        assert "\n" not in sentence and sentence.endswith(".")
