@@ -284,6 +284,8 @@ class Page:
         if final_sig is not None and final_sig != shown.get("final"):
             out["final_video"] = final_sig
             shown["final"] = final_sig
+            # The final video stands beside it now; the per-section names it was served under go.
+            out["partial_video"] = None
             drop_previews(final.parent)
 
         if state.running != shown.get("running"):
