@@ -51,9 +51,20 @@ def context(browser):
 
 
 def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")  # commit the value (the slider follows)
+    """Type a number and commit it; again if the field was re-rendered under the typing (an accordion's
+    content mounts on first open) and the slider never took the value, which would send the old one."""
+    check = """([id, v]) => { const r = document.querySelector('#' + id + ' input[type=range]');
+                             return !r || Number(r.value) === Number(v); }"""
+    for _ in range(5):
+        box = page.locator(f"#{elem_id} input[type=number]")
+        box.fill(str(value))
+        box.press("Tab")  # commit the value (the slider follows)
+        try:
+            page.wait_for_function(check, arg=[elem_id, value], timeout=3000)
+            return
+        except sync_api.TimeoutError:
+            continue
+    raise AssertionError(f"#{elem_id} did not take the value {value}")
 
 
 def open_page(context, url):
@@ -250,3 +261,6 @@ def test_a_ten_section_job_is_served_from_its_folder_and_the_page_follows_it(ser
     copies_after = len(list(cache.rglob("*.mp4"))) if cache.is_dir() else 0
     assert copies_after - copies_before <= 1, (copies_before, copies_after)
     assert not (server.outputs / job / ".preview").exists()  # the per-section names go with the final video
+    import json
+
+    assert json.loads((server.outputs / job / "job.json").read_text())["params"]["resolution"] == 64
