@@ -143,3 +143,28 @@ def test_recover_leaves_live_and_finished_jobs_alone(tmp_path):
     assert store.recover_interrupted(outputs) == []
     statuses = sorted(json.loads((p / "job.json").read_text())["status"] for p in outputs.iterdir())
     assert statuses == ["done", "running", "stopped"]
+
+
+@pytest.mark.parametrize("mode", ["inverted", "forward"])
+def test_resume_of_a_long_job_reads_only_the_sections_the_history_holds(tiny_model_dir, photo, tmp_path,
+                                                                         monkeypatch, mode):
+    from framepack_local.engine.history import sections_to_replay
+    from framepack_local.events import CancelToken, SectionFinished
+
+    engine = Engine(device="cpu")
+    params = JobParams(image=str(photo), prompt="dunes", seconds=4.0, window=1, steps=1, resolution=64, seed=8,
+                       models=str(tiny_model_dir), outputs=str(tmp_path / "a"), cache="off", mode=mode)  # 30 sections
+    cancel = CancelToken()
+    stopped = engine.generate(params, cancel=cancel,
+                              on_event=lambda e: isinstance(e, SectionFinished) and e.section == 26 and cancel.cancel())
+    assert store.read_record(stopped.job_dir)["sections_done"] == 26
+    reads = []
+    real = store.load_file
+    monkeypatch.setattr(store, "load_file", lambda path: reads.append(Path(path).name) or real(path))
+    resumed = engine.resume(stopped.job_dir)
+    monkeypatch.undo()
+    tail = sections_to_replay(1)
+    assert tail < 26 and reads == [store.section_file(stopped.job_dir, n).name for n in range(26 - tail, 26)]
+    clean = engine.generate(params.replace(outputs=str(tmp_path / "b")))
+    assert torch.equal(store.job_latents(resumed.job_dir, mode), store.job_latents(clean.job_dir, mode))
+    assert probe_video(resumed.video_path).frames == probe_video(clean.video_path).frames

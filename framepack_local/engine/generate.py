@@ -37,7 +37,7 @@ from ..weights.model_folder import MODE_PARTS, LoadedModels, check_model_folder,
 from ..params import JobParams
 from ..memory.residency import ModelManager
 from .sampler import rescale_cfg, sample_flow
-from .history import PackedHistory
+from .history import PackedHistory, sections_to_replay
 from .stitch import Stitcher
 from ..files import save_png
 from ..jobs.video import SegmentedVideo
@@ -83,6 +83,14 @@ class _Job:
 
     def save(self) -> None:
         store.write_record(self.job_dir, self.record)
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """What a resume brings: how many sections are done, and the last ones the history needs."""
+
+    done: int
+    tail: list
 
 
 @dataclass
@@ -230,7 +238,7 @@ class Engine:
             save_png(job_dir / store.END_IMAGE, job.end_rgb)
         for i, rgb in enumerate(job.keyframe_rgbs, 1):
             save_png(job_dir / store.KEYFRAME_IMAGE.format(i), rgb)
-        return self._run_guarded(job, [], on_event, cancel, calibrate)
+        return self._run_guarded(job, _Saved(0, []), on_event, cancel, calibrate)
 
     RESUME_OVERRIDES = ("memory_profile", "keep_free_gb", "models", "outputs")
 
@@ -274,7 +282,8 @@ class Engine:
         plans = self.section_plan(params, end_rgb is not None)
         done = int(record.get("sections_done", 0))
         try:
-            saved = store.load_sections(job_dir, done)
+            # Only what the packed history still holds is read back (flat RAM and a fast resume).
+            tail = store.load_section_tail(job_dir, done, sections_to_replay(params.window))
         except Exception as exc:  # missing or unreadable section file
             raise InputError(f"The job in {job_dir} lacks a readable section file ({exc}); it cannot be "
                              f"resumed, start it again.") from exc
@@ -283,7 +292,7 @@ class Engine:
         record["resumed"] = record.get("resumed", 0) + 1
         job = _Job(params, job_dir, record, start_rgb, end_rgb, keyframe_rgbs, plans)
         self._claim(job)
-        return self._run_guarded(job, saved, on_event, cancel)
+        return self._run_guarded(job, _Saved(done, tail), on_event, cancel)
 
     @staticmethod
     def section_plan(params: JobParams, has_end_image: bool) -> list[storyboard.SectionPlan]:
@@ -311,7 +320,7 @@ class Engine:
         job.record.update(status="running", pid=os.getpid(), host=socket.gethostname(), error=None)
         job.save()
 
-    def _run_guarded(self, job: _Job, saved: list, on_event, cancel, calibrate: bool = False) -> JobResult:
+    def _run_guarded(self, job: _Job, saved: "_Saved", on_event, cancel, calibrate: bool = False) -> JobResult:
         try:
             return self._run(job, saved, on_event or (lambda event: None), cancel or CancelToken(), calibrate)
         except FramePackError as exc:
@@ -342,12 +351,12 @@ class Engine:
         except (OSError, FramePackError):  # e.g. the folder is gone: the sentence still reaches the caller
             logger.warning("could not record the failure of job %s", job.job_id)
 
-    def _run(self, job: _Job, saved: list, emit: EventHandler, cancel: CancelToken, calibrate: bool) -> JobResult:
+    def _run(self, job: _Job, saved: "_Saved", emit: EventHandler, cancel: CancelToken, calibrate: bool) -> JobResult:
         params, record, timings = job.params, job.record, job.timings
         height, width, sections = record["height"], record["width"], record["sections"]
         emit(JobStarted(job.job_id, job.job_dir, sections, params.steps, record["frames"], height, width))
         logger.info("job %s: %d sections x %d steps, %d frames at %dx%d%s", job.job_id, sections, params.steps,
-                    record["frames"], width, height, f", resuming after {len(saved)}" if saved else "")
+                    record["frames"], width, height, f", resuming after {saved.done}" if saved.done else "")
 
         # 3. Models, placed by the memory plan
         t0 = time.perf_counter()
@@ -371,13 +380,15 @@ class Engine:
         history = PackedHistory(inverted, params.window, cond.start_latent)
         sigmas = schedule.flow_sigmas(params.steps, schedule.window_tokens(params.window, height, width))
         overlap = schedule.overlap_frames(params.window)
-        if saved:
+        if saved.done:
             writer = SegmentedVideo.from_state(job.job_dir, record["video"], fps=schedule.FPS, crf=params.crf,
                                                prepend=inverted)
             last_span = None
-            for section in saved:
+            # Sections before the tail left the history window; only their frame count matters.
+            history.skip((saved.done - len(saved.tail)) * params.window)
+            for section in saved.tail:
                 last_span = history.add(section["latents"])
-            generator.set_state(saved[-1]["rng_state"])
+            generator.set_state(saved.tail[-1]["rng_state"])
             stitcher = Stitcher(overlap, prepend=inverted, sink=lambda f: writer.add_finished(_to_uint8(f)))
             # The edge that the next section blends with is a pure function of the last decode.
             with mgr.on_device("vae"):
@@ -392,12 +403,12 @@ class Engine:
         partial_path = job.job_dir / store.PARTIAL_VIDEO
         for key in ("sampling", "decode", "write"):
             timings[key] = 0.0
-        cache_plan = self._cache_plan(params, record, resumed=bool(saved), calibrate=calibrate)
+        cache_plan = self._cache_plan(params, record, resumed=bool(saved.done), calibrate=calibrate)
         record["step_cache"] = cache_plan.record()
         if cache_plan.ratios_source:
             logger.info("MagCache ratios: %s", cache_plan.ratios_source)
         # One number per section in sampling order: how many steps ran the blocks (positive pass).
-        record["steps_computed"] = list(record.get("steps_computed") or [])[:len(saved)]
+        record["steps_computed"] = list(record.get("steps_computed") or [])[:saved.done]
         cache = step_cache.AttachedCache(transformer, cache_plan, params.steps)
         kernel = attention.ActiveAttention(
             transformer, attention.choose(params.attention, attention.unavailable_reasons(self.device)),
@@ -405,7 +416,7 @@ class Engine:
         record["attention"] = kernel.record(params.attention)
         status = "done"
         try:
-            for section in job.plans[len(saved):]:
+            for section in job.plans[saved.done:]:
                 layout = section.layout
                 t0 = time.perf_counter()
                 emit(StageChanged("sampling", f"Sampling section {layout.number + 1} of {sections}"))

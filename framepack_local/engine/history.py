@@ -13,6 +13,16 @@ from . import schedule
 from .schedule import SectionLayout
 
 
+def kept_frames(window: int) -> int:
+    """Latent frames the history holds: the packed context (+1) or two windows for the decoder's context."""
+    return max(schedule.HISTORY_TOTAL + 1, 2 * window + 1)
+
+
+def sections_to_replay(window: int) -> int:
+    """Finished sections a resume replays to rebuild the history exactly: enough to fill every kept frame."""
+    return -(-kept_frames(window) // window)
+
+
 class PackedHistory:
     """The latents the next section needs: packed context and the neighbour window for decoding.
 
@@ -30,7 +40,12 @@ class PackedHistory:
             # Forward: the start frame is the first frame of the history (and of the video).
             self.latents = torch.cat([self.latents, start_latent], dim=2)
             self.generated = 1
-        self.keep = max(schedule.HISTORY_TOTAL + 1, 2 * window + 1)
+        self.keep = kept_frames(window)
+
+    def skip(self, frames: int) -> None:
+        """Count sections a resume does not replay (they left the window); call before replaying the
+        last sections_to_replay() ones, which then fill every kept frame."""
+        self.generated += frames
 
     def context(self, layout: SectionLayout, start_latent, end_latent) -> dict[str, torch.Tensor]:
         sizes = [schedule.HISTORY_1X, schedule.HISTORY_2X, schedule.HISTORY_4X]

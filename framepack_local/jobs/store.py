@@ -106,6 +106,18 @@ def load_sections(job_dir: Path, count: int | None = None) -> list[dict[str, tor
     return out
 
 
+def load_section_tail(job_dir: Path, done: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """The last `count` of sections 0..done-1, each read once; every earlier one must exist (a stat, no read).
+
+    A resume needs only what the packed history still holds, so a 1 800-section job reads a handful of
+    files instead of all of them (and holds a few MB, not all its latents).
+    """
+    for number in range(done):
+        if not section_file(job_dir, number).is_file():
+            raise FileNotFoundError(f"section {number} of {job_dir} is missing")
+    return [load_file(str(section_file(job_dir, n))) for n in range(max(0, done - count), done)]
+
+
 def job_latents(job_dir: Path, mode: str) -> torch.Tensor:
     """All latents of the job in time order (the start latent included once the last section is done)."""
     parts = [s["latents"] for s in load_sections(job_dir)]
