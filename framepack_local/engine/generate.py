@@ -40,6 +40,7 @@ from .sampler import rescale_cfg, sample_flow
 from .history import PackedHistory, sections_to_replay
 from .stitch import Stitcher
 from ..files import save_png
+from ..jobs.preview import LATEST_SECONDS, preview_scope
 from ..jobs.video import SegmentedVideo
 
 logger = logging.getLogger(__name__)
@@ -447,12 +448,22 @@ class Engine:
 
                 t0 = time.perf_counter()
                 writer.set_pending(None if stitcher.pending is None else _to_uint8(stitcher.pending))
-                writer.publish(partial_path, metadata)
+                done_now = layout.number + 1
+                shown = stitcher.frames
+                if preview_scope(done_now, record.get("preview_full_at", 0), writer.frame_count / schedule.FPS) == "full":
+                    writer.publish(partial_path, metadata)
+                    record["preview_full_at"] = done_now
+                else:  # a long video: the latest minute now, the whole of it now and then (jobs/preview.py)
+                    if not record.get("preview_latest_said"):
+                        emit(Notice(f"The video so far now shows its latest {LATEST_SECONDS:.0f} s, so long videos "
+                                    "stay fast; the whole video is shown again now and then, and at the end."))
+                        record["preview_latest_said"] = True
+                    writer.publish(partial_path, metadata, latest_frames=int(LATEST_SECONDS * schedule.FPS))
+                    shown = writer.last_published_frames
                 timings["write"] += time.perf_counter() - t0
-                record.update(sections_done=layout.number + 1, video=writer.state())
+                record.update(sections_done=done_now, video=writer.state())
                 job.save()
-                emit(SectionFinished(layout.number + 1, sections, partial_path, stitcher.frames,
-                                     time.perf_counter() - job.started))
+                emit(SectionFinished(done_now, sections, partial_path, shown, time.perf_counter() - job.started))
         except Cancelled:
             status = "stopped"
             logger.info("job %s stopped after %d sections", job.job_id, record["sections_done"])
@@ -471,6 +482,9 @@ class Engine:
             video_path = writer.publish(job.job_dir / store.FINAL_VIDEO, metadata)
             partial_path.unlink(missing_ok=True)
         elif record["sections_done"]:
+            if record.get("preview_full_at") != record["sections_done"]:
+                writer.publish(partial_path, metadata)  # a stopped long job keeps its whole video so far
+                record["preview_full_at"] = record["sections_done"]
             video_path = partial_path
         timings["write"] += time.perf_counter() - t0
         timings["total"] = time.perf_counter() - job.started

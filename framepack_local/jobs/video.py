@@ -242,6 +242,7 @@ class SegmentedVideo:
         self._pending: dict | None = None
         self._next_index = 0
         self._size: tuple[int, int] | None = None  # (height, width) shared by every segment
+        self.last_published_frames = 0  # frames in the file the last publish() wrote
         seg_dir = self.work_dir / self.SEGMENT_DIR
         try:
             seg_dir.mkdir(parents=True, exist_ok=True)
@@ -356,10 +357,26 @@ class SegmentedVideo:
             return list(self._segments)
         return [self._pending, *self._segments] if self.prepend else [*self._segments, self._pending]
 
-    def publish(self, out_path, metadata: dict | None = None) -> Path:
-        """Stream-copy all pieces, in time order, into out_path (atomic) and return it."""
-        target = Path(out_path)
+    def edge_pieces(self, frames: int) -> list[dict]:
+        """The pieces at the growing edge (the front in inverted mode) that hold at least `frames` frames."""
         pieces = self._ordered()
+        if self.prepend:
+            pieces = pieces[::-1]
+        chosen, total = [], 0
+        while pieces and total < frames:
+            piece = pieces.pop()  # from the growing edge inwards
+            chosen.append(piece)
+            total += piece["frames"]
+        return chosen if self.prepend else chosen[::-1]  # back in time order
+
+    def publish(self, out_path, metadata: dict | None = None, latest_frames: int | None = None) -> Path:
+        """Stream-copy all pieces, in time order, into out_path (atomic) and return it.
+
+        latest_frames: only the pieces at the growing edge holding at least that many frames (the
+        "latest minute" of a long job), so a publish costs the same however long the video is.
+        """
+        target = Path(out_path)
+        pieces = self._ordered() if latest_frames is None else self.edge_pieces(latest_frames)
         if not pieces:
             raise InputError("Cannot publish a video before any frames were added; add frames first.")
         for piece in pieces:
@@ -383,6 +400,7 @@ class SegmentedVideo:
             # Compact one-line JSON: `ffmpeg -i` prints it back verbatim as "comment : ...".
             args += ["-metadata", "comment=" + json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))]
         _write_with_ffmpeg(target, args)
+        self.last_published_frames = sum(p["frames"] for p in pieces)
         return target
 
 
