@@ -14,8 +14,9 @@ if not exist .venv\Scripts\python.exe (
 )
 set VPY=.venv\Scripts\python.exe
 
+rem The newest CUDA build of torch the NVIDIA driver runs (framepack_local\memory\gpu_check.py); FPL_TORCH_INDEX overrides.
 set TORCH_INDEX=%FPL_TORCH_INDEX%
-nvidia-smi -L >nul 2>nul && if "%TORCH_INDEX%"=="" set TORCH_INDEX=https://download.pytorch.org/whl/cu130
+if "%TORCH_INDEX%"=="" for /f "usebackq delims=" %%i in (`%PY% framepack_local\memory\gpu_check.py --torch-index`) do set TORCH_INDEX=%%i
 
 set WANT_TESTS=0
 if /i "%~1"=="test" set WANT_TESTS=1

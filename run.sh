@@ -19,11 +19,12 @@ fi
 want_tests=0
 [ "${1:-}" = "test" ] && want_tests=1
 
-# An NVIDIA GPU gets the CUDA build of torch; everything else the CPU build.
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  torch_index=${FPL_TORCH_INDEX:-https://download.pytorch.org/whl/cu130}
+# An NVIDIA GPU gets the newest CUDA build of torch its driver runs; everything else the CPU build
+# (framepack_local/memory/gpu_check.py, stdlib only). FPL_TORCH_INDEX overrides the choice.
+if [ -n "${FPL_TORCH_INDEX+x}" ]; then
+  torch_index=$FPL_TORCH_INDEX
 else
-  torch_index=${FPL_TORCH_INDEX:-}
+  torch_index=$("$PY" framepack_local/memory/gpu_check.py --torch-index)
 fi
 
 [ -x "$VENV/bin/python" ] || { echo "Creating $VENV ..."; "$PY" -m venv "$VENV"; }

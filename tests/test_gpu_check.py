@@ -34,3 +34,25 @@ def test_each_cause_gets_its_sentence_and_fix():
     assert "cannot use it" in other
     for sentence in (cpu_wheel, old_driver, blackwell, other):
         assert "\n" not in sentence and sentence.endswith(".")
+
+
+def test_run_sh_picks_the_newest_build_the_driver_runs():
+    from framepack_local.memory.gpu_check import torch_index_for
+
+    assert torch_index_for(None) == ("", "no NVIDIA GPU answered nvidia-smi: the CPU build")
+    assert torch_index_for(RTX5070)[0] == "https://download.pytorch.org/whl/cu130"  # driver 580, CUDA 13.0
+    cuda_128 = parse_nvidia_smi("Driver Version: 570.86  CUDA Version: 12.8", "NVIDIA RTX 4070, 570.86, 8.9")
+    assert torch_index_for(cuda_128)[0].endswith("/cu128")
+    index, why = torch_index_for(RTX3060)  # CUDA 12.4: older than every build on the index
+    assert index.endswith("/cu126") and "update the NVIDIA driver" in why
+
+
+def test_the_script_runs_with_the_standard_library_only(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "framepack_local" / "memory" / "gpu_check.py"
+    # -S -I: no site-packages, as run.sh calls it before the virtual environment exists
+    done = subprocess.run([sys.executable, "-S", "-I", str(script), "--torch-index"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path, env={"PATH": str(tmp_path)})  # no nvidia-smi
+    assert done.returncode == 0 and done.stdout == "\n" and "the CPU build" in done.stderr

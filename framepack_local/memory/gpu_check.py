@@ -80,18 +80,48 @@ def gpu_verdict(smi: NvidiaSmi | None, torch_cuda: str | None, cuda_available: b
             f"nvidia-smi works for this user and restart the computer after a driver update.")
 
 
+def torch_index_for(smi: NvidiaSmi | None) -> tuple[str, str]:
+    """Pure: the PyTorch wheel index run.sh installs from, and why ("" = the CPU build from PyPI).
+
+    The newest build the driver runs (nvidia-smi's "CUDA Version" is the newest CUDA it supports):
+    CUDA 13.0 needs driver 580+, 12.8 needs 570+ (and is the oldest with Blackwell / RTX 50 kernels).
+    """
+    if smi is None:
+        return "", "no NVIDIA GPU answered nvidia-smi: the CPU build"
+    wheel = _wheel_for(smi.cuda)
+    if wheel is None:
+        oldest = WHEELS[-1]
+        return (TORCH_INDEX.format(oldest[1]),
+                f"the driver {smi.driver} supports only CUDA {smi.cuda or '?'}; installing the CUDA {oldest[0]:g} "
+                f"build anyway: update the NVIDIA driver if the GPU is not used")
+    cuda = next(needs for needs, tag in WHEELS if tag == wheel)
+    return TORCH_INDEX.format(wheel), f"driver {smi.driver} on {smi.gpu_name} supports CUDA {smi.cuda:g}: the CUDA {cuda:g} build"
+
+
 def read_nvidia_smi(timeout: float = 10.0) -> NvidiaSmi | None:
     """This machine's nvidia-smi facts; None without an NVIDIA driver."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
-    try:
-        header = subprocess.run([exe], capture_output=True, text=True, timeout=timeout).stdout
-        query = subprocess.run([exe, "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=timeout).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return parse_nvidia_smi(header, query)
+
+    def run(*args: str) -> str:
+        try:
+            done = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout if done.returncode == 0 else ""
+
+    header = run()
+    query = run("--query-gpu=name,driver_version", "--format=csv,noheader")
+    if not query:  # very old drivers: the listing still names the GPU
+        listed = re.search(r"GPU 0: (.+?) \(UUID", run("-L"))
+        driver = re.search(r"Driver Version:\s*([\d.]+)", header)
+        if not listed:
+            return None
+        query = f"{listed.group(1)}, {driver.group(1) if driver else '?'}"
+    capability = run("--query-gpu=compute_cap", "--format=csv,noheader").strip().splitlines()  # drivers 510+
+    first = query.strip().splitlines()[0] + (f", {capability[0].strip()}" if capability else "")
+    return parse_nvidia_smi(header, first)
 
 
 def check_gpu() -> str | None:
@@ -101,3 +131,12 @@ def check_gpu() -> str | None:
     available = torch.cuda.is_available()
     arch = tuple(torch.cuda.get_arch_list()) if torch.version.cuda else ()
     return gpu_verdict(read_nvidia_smi(), torch.version.cuda, available, arch)
+
+
+if __name__ == "__main__":  # run.sh / run.bat, before the virtual environment exists: stdlib only
+    import sys
+
+    if sys.argv[1:] == ["--torch-index"]:
+        index, why = torch_index_for(read_nvidia_smi())
+        print(f"PyTorch: {why}", file=sys.stderr)
+        print(index)
