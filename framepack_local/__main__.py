@@ -1,4 +1,4 @@
-"""Command line: generate, resume, calibrate-cache, make-tiny-model, download.
+"""Command line: generate, resume, calibrate-cache, doctor, make-tiny-model, download.
 
 Exit codes: 0 done, 1 stopped by the user, 2 bad input or a failure explained in one sentence.
 """
@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--models", default=str(DEFAULT_MODELS))
     cal.add_argument("--outputs", default=str(DEFAULT_OUTPUTS))
     cal.add_argument("--device", default=None)
+
+    doc = sub.add_parser("doctor", help="check this computer: GPU, driver, memory, disk, what jobs can use")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
+    doc.add_argument("--quick", action="store_true", help="skip the measurements")
+    doc.add_argument("--models", default=str(DEFAULT_MODELS))
+    doc.add_argument("--outputs", default=str(DEFAULT_OUTPUTS))
 
     tiny = sub.add_parser("make-tiny-model", help="build a tiny random-weight model folder (offline, for tests)")
     tiny.add_argument("dir")
@@ -243,6 +249,16 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    import json
+
+    from .doctor import diagnose
+
+    report = diagnose(Path(args.models), Path(args.outputs), measure=not args.quick)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0 if report.ok else 1
+
+
 def _make_tiny(args) -> int:
     from .weights.tiny import make_tiny_model
 
@@ -281,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "urllib3", "diffusers", "transformers", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"generate": _generate, "resume": _resume, "calibrate-cache": _calibrate, "make-tiny-model": _make_tiny,
-                "download": _download}
+    handlers = {"generate": _generate, "resume": _resume, "calibrate-cache": _calibrate, "doctor": _doctor,
+                "make-tiny-model": _make_tiny, "download": _download}
     try:
         return handlers[args.command](args)
     except FramePackError as exc:

@@ -56,3 +56,22 @@ def test_the_script_runs_with_the_standard_library_only(tmp_path):
     done = subprocess.run([sys.executable, "-S", "-I", str(script), "--torch-index"], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path, env={"PATH": str(tmp_path)})  # no nvidia-smi
     assert done.returncode == 0 and done.stdout == "\n" and "the CPU build" in done.stderr
+
+
+def test_doctor_reports_this_machine_and_fails_on_an_unusable_gpu(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import json
+
+    from framepack_local.__main__ import main
+    from framepack_local.memory import gpu_check
+
+    assert main(["doctor", "--json", "--models", str(tiny_model_dir), "--outputs", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = {c["name"]: c for c in report["checks"]}
+    assert report["ok"] and {"Python", "PyTorch", "GPU usable", "RAM", "Attention", "Memory plan"} <= set(names)
+    assert "CPU build" in names["PyTorch"]["value"] and "skipped" in names["Measured"]["value"]  # no GPU here
+    assert "transformer" in names["Memory plan"]["value"]
+    sentence = "An NVIDIA GPU (X) is here, but the installed PyTorch is the CPU build, so jobs would run on the CPU."
+    monkeypatch.setattr(gpu_check, "check_gpu", lambda: sentence)
+    assert main(["doctor", "--quick", "--models", str(tmp_path / "none"), "--outputs", str(tmp_path)]) == 1
+    table = capsys.readouterr().out
+    assert f"!! {sentence}" in table and "Fix the lines marked !! first." in table and "lacks" in table

@@ -28,7 +28,7 @@ PACKAGE = REPO / "framepack_local"
 # Lower rank = lower layer. A module may import modules of its own rank or below.
 VOCABULARY = {"params", "errors", "events", "images", "files"}
 FOLDER_RANKS = {"weights": 1, "memory": 2, "jobs": 3, "engine": 4}
-TOP_RANKS = {"worker": 5, "pipeline": 5, "__main__": 6, "__init__": 6}
+TOP_RANKS = {"worker": 5, "pipeline": 5, "doctor": 5, "__main__": 6, "__init__": 6}
 UI_RANK = 6
 
 
