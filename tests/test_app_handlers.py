@@ -502,3 +502,12 @@ def test_a_cpu_page_starts_with_a_job_that_takes_seconds(tiny_model_dir, tmp_pat
         forms.SMALL_JOB["seconds"], forms.SMALL_JOB["steps"], forms.SMALL_JOB["resolution"])
     assert "No GPU was found" in by_id["header"].value and "small_banner" in by_id["header"].value
     assert forms.form_defaults(False) == forms.DEFAULTS and forms.DEFAULTS.steps == 25
+
+
+def test_check_this_computer_shows_the_doctor_report(tiny_model_dir, tmp_path):
+    page = handlers.Page(Worker(engine=object()), tiny_model_dir, tmp_path / "outputs")
+    try:
+        html = page.check_computer()
+    finally:
+        page.worker.shutdown()
+    assert 'id="doctor_report"' in html and "GPU usable" in html and "This computer can run jobs." in html

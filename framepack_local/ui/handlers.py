@@ -240,6 +240,19 @@ class Page:
     def system(self) -> str:
         return system_html(self.models_dir, self.outputs_dir)
 
+    def check_computer(self) -> str:
+        """The doctor's report (python -m framepack_local doctor) for the System panel."""
+        import html
+
+        from ..doctor import diagnose
+
+        try:
+            report = diagnose(self.models_dir, self.outputs_dir)
+        except Exception as exc:  # noqa: BLE001 - the panel gets a sentence, never a traceback
+            logger.exception("doctor failed")
+            return f'<div class="fpl-plan-error">The check could not run ({type(exc).__name__}); see the log.</div>'
+        return f'<pre class="fpl-plan" id="doctor_report">{html.escape(report.table())}</pre>'
+
     # --- polling ---
 
     def poll(self, shown: dict | None) -> tuple:

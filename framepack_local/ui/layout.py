@@ -278,6 +278,8 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
 
         with gr.Accordion("System", open=False, elem_id="system_panel"):
             system_box = gr.HTML("", elem_id="system")
+            check_btn = gr.Button("Check this computer", size="sm", elem_id="check_computer")
+            doctor_box = gr.HTML("", elem_id="doctor")
 
         timer = gr.Timer(POLL_SECONDS)
 
@@ -298,6 +300,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
         app.load(page.poll, inputs=[shown], outputs=poll_outputs, api_visibility="private",
                  concurrency_limit=None, show_progress="hidden")
         app.load(page.system, outputs=[system_box], api_name="system", show_progress="hidden")
+        check_btn.click(page.check_computer, outputs=[doctor_box], api_name="check_computer")
 
         for control in (seconds, window):
             control.change(length_line, inputs=[seconds, window], outputs=[length_md], **private)
