@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a prompt that takes over at that time (repeatable; --prompt is the one at 0 s)")
     gen.add_argument("--keyframe", nargs=2, action="append", default=[], metavar=("SECONDS", "IMAGE"),
                      help="an image the video passes through at that time (inverted mode; repeatable)")
-    gen.add_argument("--prompt-blend", type=_whole, default=d.prompt_blend,
-                     help="sections over which a prompt change blends in (default %(default)s: at once)")
+    gen.add_argument("--prompt-blend", type=_whole, default=None,
+                     help="sections over which a prompt change blends in (default 0: at once)")
     gen.add_argument("--storyboard", default=None, help="a JSON file with prompts, keyframes and blend_sections")
     gen.add_argument("--plan-only", action="store_true", help="print the section plan and exit; writes nothing")
     gen.add_argument("--seconds", type=_number, default=d.seconds, help="length, 0.1-120 (default %(default)s)")
@@ -134,9 +134,11 @@ def _storyboard(args) -> dict:
     from .engine import storyboard
 
     story = storyboard.load_file(args.storyboard) if args.storyboard else {"timed_prompts": [], "keyframes": []}
-    story.setdefault("prompt", args.prompt)
-    if args.prompt_blend != JobParams.prompt_blend or "prompt_blend" not in story:
-        story["prompt_blend"] = args.prompt_blend
+    # Flags given on the command line win over the file.
+    if args.prompt or "prompt" not in story:
+        story["prompt"] = args.prompt
+    if args.prompt_blend is not None or "prompt_blend" not in story:
+        story["prompt_blend"] = args.prompt_blend if args.prompt_blend is not None else JobParams.prompt_blend
     for flag, pairs, key in (("--prompt-at", args.prompt_at, "timed_prompts"), ("--keyframe", args.keyframe, "keyframes")):
         for seconds, value in pairs:
             try:

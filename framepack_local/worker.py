@@ -309,9 +309,12 @@ class Worker:
     def busy_dirs(self) -> set[Path]:
         """Job folders that are running or queued for resume (list_jobs must not call them interrupted)."""
         with self._lock:
-            dirs = {self._ticket_dir(t) for t in ([self._current] if self._current else []) + list(self._queue)}
-            if self._current is not None and self._live.job_dir is not None:
-                dirs.add(self._live.job_dir.resolve())
+            return self._busy_dirs_locked()
+
+    def _busy_dirs_locked(self) -> set[Path]:
+        dirs = {self._ticket_dir(t) for t in ([self._current] if self._current else []) + list(self._queue)}
+        if self._current is not None and self._live.job_dir is not None:
+            dirs.add(self._live.job_dir.resolve())
         return {d for d in dirs if d is not None}
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -342,6 +345,9 @@ class Worker:
         with self._wake:
             if self._closed:
                 raise InputError("The app is shutting down; start the job again after restarting it.")
+            # Checked under the same lock as the append: two Resume clicks cannot both get in.
+            if ticket.job_dir is not None and self._ticket_dir(ticket) in self._busy_dirs_locked():
+                raise InputError("This job is already running or waiting in the queue.")
             self._queue.append(ticket)
             # A resume reuses its job's id as the key: the earlier run's outcome is not this one's.
             self._outcomes.pop(ticket.key, None)

@@ -70,3 +70,23 @@ def test_unavailable_and_failing_backends_fall_back_to_sdpa_with_a_notice(tiny_m
         assert torch.equal(store.job_latents(result.job_dir, "forward"), store.job_latents(sdpa.job_dir, "forward"))
     # The transformer outlives the job: it is left on the default kernel.
     assert dispatch._AttentionBackendRegistry.get_active_backend()[0] == dispatch.AttentionBackendName.NATIVE
+
+
+def test_a_resume_keeps_the_kernel_the_job_started_with(tiny_model_dir, photo, tmp_path, monkeypatch):
+    from diffusers.models import attention_dispatch as dispatch
+
+    from framepack_local.events import CancelToken, SectionFinished
+
+    engine = Engine(device="cpu")
+    cancel = CancelToken()
+    stopped = engine.generate(job(tiny_model_dir, photo, tmp_path / "a", seconds=0.6),  # 2 sections; auto -> SDPA
+                              on_event=lambda e: isinstance(e, SectionFinished) and cancel.cancel(), cancel=cancel)
+    assert store.read_record(stopped.job_dir)["attention"]["used"] == "sdpa"
+    calls = []  # now "flash" would be chosen by auto: the resume must not switch to it
+    monkeypatch.setattr(attention, "unavailable_reasons", lambda device: {"flash": None, "sage": "x"})
+    monkeypatch.setattr(dispatch, "_check_attention_backend_requirements", lambda backend: None)
+    monkeypatch.setitem(dispatch._AttentionBackendRegistry._backends, dispatch.AttentionBackendName.FLASH,
+                        lambda **kw: calls.append(1))
+    resumed = engine.resume(stopped.job_dir)
+    assert resumed.status == "done" and calls == []
+    assert store.read_record(resumed.job_dir)["attention"]["used"] == "sdpa"

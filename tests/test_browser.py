@@ -139,6 +139,7 @@ def test_start_preview_video_reopen_and_stop(server, context, photo):
     page.wait_for_function("() => !document.querySelector('#resume_btn').disabled")
     assert page.locator(".toast-body.error").count() == 0
     assert (server.outputs / job / "partial.mp4").is_file()
+    assert not (server.outputs / job / ".preview").exists()  # a stopped job's video is served as it is
 
 
 def test_too_large_upload_is_refused_with_a_sentence(server, context, tmp_path):

@@ -28,7 +28,9 @@ def test_each_cause_gets_its_sentence_and_fix():
     assert "whl/cu126" not in old_driver and "update the NVIDIA driver" in old_driver  # 12.4 < every wheel
     newer = parse_nvidia_smi("CUDA Version: 12.8", "NVIDIA RTX 4090, 570.1, 8.9")
     assert "FPL_TORCH_INDEX=https://download.pytorch.org/whl/cu128" in gpu_verdict(newer, "13.0", False)
-    blackwell = gpu_verdict(RTX5070, "12.6", False, ("sm_80", "sm_86", "sm_90"))
+    # is_available() says yes for a build without kernels for the card: the arch list decides.
+    blackwell = gpu_verdict(RTX5070, "12.6", True, ("sm_80", "sm_86", "sm_90"))
+    assert gpu_verdict(RTX5070, "12.8", True, ("sm_90", "sm_100", "sm_120")) is None
     assert "no kernels for its generation (compute capability 12.0)" in blackwell and "cu128" in blackwell
     other = gpu_verdict(RTX3060, "12.4", False, ("sm_86",))
     assert "cannot use it" in other

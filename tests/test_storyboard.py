@@ -45,7 +45,9 @@ def test_section_plan_follows_the_rules_for_every_shape(window):
         keyframe_bounds = [round(sections * (i + 1) / (n_keys + 1)) for i in range(n_keys)]
         if len(set(keyframe_bounds)) < n_keys or any(b in (0, sections) for b in keyframe_bounds):
             continue  # not a valid keyframe layout for this length (refusals are tested below)
-        prompt_bounds = [min(sections - 1, (i * 7) % (sections + 1)) for i in range(1, n_prompts)]
+        if sections == 1 and n_prompts > 1:
+            continue  # a one-section video has no later section for a timed prompt (refused, below)
+        prompt_bounds = [1 + (i * 7) % max(1, sections - 1) for i in range(1, n_prompts)]
         plans = storyboard.plan_sections(sections, window, "inverted", has_end, [b * step for b in prompt_bounds],
                                          [b * step for b in keyframe_bounds])
         assert [p.number for p in plans] == list(range(sections))
@@ -66,6 +68,13 @@ def test_section_plan_follows_the_rules_for_every_shape(window):
         assert [p.prompt for p in forward] == [row[3] for row in expected(sections, window, False, prompt_bounds, [])]
 
 
+def test_times_snap_half_up_without_float_noise():
+    # Exactly 1.2 s apart at window 9 (1.2 s sections): two boundaries, not one (round-half-even gave 2 and 2).
+    assert [storyboard.boundary_of(t, 9) for t in (0.6, 1.8, 3.0, 4.2, 5.4)] == [1, 2, 3, 4, 5]
+    plans = storyboard.plan_sections(8, 9, "inverted", False, keyframe_times=[1.8, 3.0])
+    assert {p.stretch for p in plans} == {0, 1, 2}
+
+
 def test_prompt_blending_moves_linearly_over_n_sections():
     step = storyboard.section_seconds(9)
     plans = sorted(storyboard.plan_sections(8, 9, "inverted", False, [2 * step, 6 * step], blend_sections=2),
@@ -82,7 +91,8 @@ def test_prompt_blending_moves_linearly_over_n_sections():
     (dict(keyframe_times=[9.0]), "outside the 4.8 s video"),
     (dict(prompt_times=[-1.0]), "outside"),
     (dict(keyframe_times=[1.2], mode="forward"), "inverted anti-drift mode"),
-    (dict(prompt_times=[0.5] * 65), "At most 64"),
+    (dict(prompt_times=[0.7] * 65), "At most 64"),
+    (dict(prompt_times=[0.5]), "lands on the video's start, where the main prompt applies"),
 ])
 def test_bad_storyboards_are_refused_in_one_sentence(kwargs, words):
     args = dict(sections=4, window=9, mode="inverted", has_end_image=False)
@@ -267,3 +277,24 @@ def test_unreadable_keyframe_is_refused_before_any_file(tiny_model_dir, photo, t
     with pytest.raises(InputError, match="keyframe image at 0.6 s"):
         Engine(device="cpu").generate(params)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_command_line_flags_win_over_the_storyboard_file(photo, tmp_path, capsys):
+    import json
+
+    from framepack_local.__main__ import main
+
+    story = tmp_path / "story.json"
+    story.write_text(json.dumps({"prompts": [{"at": 0, "prompt": "from the file"}, {"at": 2.4, "prompt": "later"}],
+                                 "blend_sections": 2}))
+    base = ["generate", "--image", str(photo), "--storyboard", str(story), "--seconds", "6", "--plan-only"]
+    assert main(base) == 0
+    table = capsys.readouterr().out
+    assert "from the file" in table and "33% later" in table  # the file's blend over two sections
+    assert main(base + ["--prompt", "from the flag", "--prompt-blend", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "from the flag" in table and "from the file" not in table and "%" not in table
+    # job.json's storyboard record (keyframes carry "file") reads back as a storyboard file.
+    story.write_text(json.dumps({"prompts": [], "keyframes": [{"at": 2.4, "image": "k.png", "file": "keyframe_01.png"}],
+                                 "blend_sections": 0}))
+    assert storyboard.load_file(story)["keyframes"] == [(2.4, str(tmp_path / "k.png"))]

@@ -411,8 +411,10 @@ class Engine:
         # One number per section in sampling order: how many steps ran the blocks (positive pass).
         record["steps_computed"] = list(record.get("steps_computed") or [])[:saved.done]
         cache = step_cache.AttachedCache(transformer, cache_plan, params.steps)
+        # A resume asks for the kernel the job started with: another one would change the numbers.
+        requested = ((record.get("attention") or {}).get("used") if saved.done else None) or params.attention
         kernel = attention.ActiveAttention(
-            transformer, attention.choose(params.attention, attention.unavailable_reasons(self.device)),
+            transformer, attention.choose(requested, attention.unavailable_reasons(self.device)),
             lambda sentence: emit(Notice(sentence)))
         record["attention"] = kernel.record(params.attention)
         status = "done"

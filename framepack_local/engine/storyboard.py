@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,10 @@ def section_seconds(window: int) -> float:
 
 
 def boundary_of(seconds: float, window: int) -> int:
-    """The section boundary nearest to a time."""
-    return int(round(seconds / section_seconds(window)))
+    """The section boundary nearest to a time; a time half way between two goes to the later one (not
+    Python's round-half-to-even, and with a margin for float noise: 1.8 s and 3.0 s at window 9 are two
+    boundaries apart, as they are 1.2 s apart)."""
+    return int(math.floor(seconds / section_seconds(window) + 0.5 + 1e-9))
 
 
 def _check_times(kind: str, times, sections: int, window: int) -> None:
@@ -98,6 +101,11 @@ def keyframe_boundaries(times, sections: int, window: int) -> list[int]:
 def prompt_indices(prompt_times, sections: int, window: int) -> list[int]:
     """Per section in video order: the index of the prompt in force (0 = the base prompt)."""
     _check_times("prompt", prompt_times, sections, window)
+    step = section_seconds(window)
+    for t in prompt_times:
+        if boundary_of(t, window) == 0:
+            raise InputError(f"The prompt at {t:g} s lands on the video's start, where the main prompt applies; "
+                             f"give it {step / 2:.2f} s or later, or put its text in the main prompt.")
     starts = [(0, 0)] + sorted(((min(boundary_of(t, window), sections - 1), i + 1) for i, t in enumerate(prompt_times)))
     out = []
     for v in range(sections):
@@ -196,7 +204,9 @@ def load_file(path) -> dict:
         if not isinstance(entries, list):
             raise InputError(f"\"{key}\" in {path} must be a list of objects with {sorted(fields)}.")
         for entry in entries:
-            if not isinstance(entry, dict) or set(entry) != fields:
+            # job.json's storyboard adds "file" (the saved crop): such a record can be fed back as is.
+            extra = {"file"} if key == "keyframes" else set()
+            if not isinstance(entry, dict) or not fields <= set(entry) <= fields | extra:
                 raise InputError(f"Each entry of \"{key}\" in {path} needs exactly {sorted(fields)}, not {entry!r}.")
             at = entry["at"]
             if isinstance(at, bool) or not isinstance(at, (int, float)):

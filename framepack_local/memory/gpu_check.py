@@ -55,9 +55,19 @@ def _wheel_for(driver_cuda: float | None) -> str | None:
 def gpu_verdict(smi: NvidiaSmi | None, torch_cuda: str | None, cuda_available: bool,
                 arch_list: tuple[str, ...] = ()) -> str | None:
     """None when all is well (or there is no NVIDIA GPU); else one sentence: the cause and the fix."""
-    if smi is None or cuda_available:
+    if smi is None:
         return None
     gpu = f"An NVIDIA GPU ({smi.gpu_name}) is here"
+    sm = f"sm_{smi.capability[0]}{smi.capability[1]}" if smi.capability else None
+    if cuda_available:
+        # is_available() only says a device answers: a build without kernels for this generation
+        # still says yes and fails at the first kernel (pytorch/pytorch#167244).
+        if sm and arch_list and sm not in arch_list and torch_cuda:
+            wheel = "cu128" if float(".".join(torch_cuda.split(".")[:2])) < 12.8 else "cu130"
+            return (f"{gpu}, but this PyTorch (CUDA {torch_cuda}) has no kernels for its generation "
+                    f"(compute capability {smi.capability[0]}.{smi.capability[1]}); delete .venv and run "
+                    f"FPL_TORCH_INDEX={TORCH_INDEX.format(wheel)} ./run.sh.")
+        return None
     if torch_cuda is None:
         return (f"{gpu}, but the installed PyTorch is the CPU build, so jobs would run on the CPU; "
                 f"{REINSTALL} (it installs the CUDA build when nvidia-smi answers).")
@@ -70,7 +80,6 @@ def gpu_verdict(smi: NvidiaSmi | None, torch_cuda: str | None, cuda_available: b
         return (f"{gpu}, but its driver {smi.driver} supports CUDA up to {smi.cuda:g} while PyTorch was built "
                 f"for CUDA {torch_cuda}, so the GPU cannot be used; {fix}.")
     need = MIN_CUDA_FOR_CAPABILITY.get(smi.capability) if smi.capability else None
-    sm = f"sm_{smi.capability[0]}{smi.capability[1]}" if smi.capability else None
     if (need is not None and built < need) or (sm and arch_list and sm not in arch_list):
         wheel = "cu128" if need is None or need <= 12.8 else "cu130"
         return (f"{gpu}, but this PyTorch (CUDA {torch_cuda}) has no kernels for its generation "

@@ -147,11 +147,14 @@ class Page:
     def resume(self, job_id: str | None, memory_profile: str | None = None, keep_free_gb: float | None = None) -> str:
         """Resume with the form's current memory settings (the fix after an out-of-memory error)."""
         overrides = {}
-        if memory_profile:
-            overrides["memory_profile"] = str(memory_profile)
-        if keep_free_gb not in (None, ""):
-            overrides["keep_free_gb"] = float(keep_free_gb)
         try:
+            if memory_profile:
+                overrides["memory_profile"] = str(memory_profile)
+            if keep_free_gb not in (None, ""):
+                try:
+                    overrides["keep_free_gb"] = float(keep_free_gb)
+                except (TypeError, ValueError):
+                    raise InputError("GPU memory to keep free must be a number of GB.") from None
             key = self.worker.resume(self._job_dir(job_id), overrides)
         except FramePackError as exc:
             _warn(str(exc))
@@ -287,9 +290,14 @@ class Page:
             shown["preview"] = preview_sig
 
         partial = state.partial_video
-        partial_sig = [str(partial), state.sections_done] if partial is not None and partial.is_file() else None
+        partial_sig = ([str(partial), state.sections_done, state.running] if partial is not None and partial.is_file()
+                       else None)
         if partial_sig is not None and partial_sig != shown.get("partial") and state.final_video is None:
-            out["partial_video"] = str(section_video(partial, state.sections_done))
+            if state.running:
+                out["partial_video"] = str(section_video(partial, state.sections_done))
+            else:  # stopped or failed: partial.mp4 no longer changes, so it is served as it is
+                out["partial_video"] = str(partial)
+                drop_previews(partial.parent)
             shown["partial"] = partial_sig
 
         final = state.final_video

@@ -18,7 +18,7 @@ from .forms import (
     speed_choice, speed_settings,
 )
 from .handlers import POLL_OUTPUTS, Page, form_endpoint
-from .serving import serve_static
+from .serving import drop_all_previews, serve_static
 from .story import STORY_FIELDS, STORY_ROWS, plan_preview_html
 from .render import header_html, history_details, models_report, preview_html, progress_html, queue_html
 
@@ -136,6 +136,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
     """The page. Nothing runs until it is launched; `app.page` holds the handlers' shared state."""
     page = Page(worker, Path(models_dir), Path(outputs_dir), demo=demo, listen=listen, downloads=downloads)
     serve_static(Path(outputs_dir))  # videos straight from the job folders, never copied per section
+    drop_all_previews(Path(outputs_dir))
     complete, models_text = models_report(page.models_dir)
     gpu_problem = _gpu_problem()  # an NVIDIA GPU that torch cannot use: say so instead of running on the CPU
     small = demo or not _has_cuda()  # start with a job that finishes in seconds (forms.SMALL_JOB)
@@ -204,7 +205,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                     with gr.Row():
                         add_row = gr.Button("Add row", size="sm", elem_id="story_add")
                         remove_row = gr.Button("Remove last row", size="sm", elem_id="story_remove")
-                    prompt_blend = gr.Slider(0, 4, value=DEFAULTS.prompt_blend, step=1,
+                    prompt_blend = gr.Slider(0, 16, value=DEFAULTS.prompt_blend, step=1,
                                              label="Blend a prompt change over this many sections (0 = at once)",
                                              elem_id="prompt_blend")
                     plan_box = gr.HTML("", elem_id="section_plan")
@@ -233,7 +234,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                                                     label="Cache threshold (higher skips more)",
                                                     elem_id="cache_threshold")
                     with gr.Row():
-                        cache_max_skip = gr.Slider(1, 10, value=DEFAULTS.cache_max_skip, step=1,
+                        cache_max_skip = gr.Slider(1, MAX_STEPS, value=DEFAULTS.cache_max_skip, step=1,
                                                    label="MagCache: most steps skipped in a row",
                                                    elem_id="cache_max_skip")
                         cache_retention = gr.Slider(0, 1, value=DEFAULTS.cache_retention, step=0.05,

@@ -4,7 +4,9 @@ The outputs folder is a Gradio static path (``gr.set_static_paths``), so a video
 from where it is. The video so far keeps one name (``partial.mp4``) and changes after every section;
 a browser keeps showing a file whose URL did not change, so each section's video is offered under a
 new name in ``<job>/.preview/``: a hard link (no extra bytes), or a copy where the file system has no
-hard links. Only the newest two are kept (a browser may still be fetching the previous one), and the folder goes when the job's final video is shown.
+hard links (and on Windows, where a served file cannot be replaced). Only the newest two are kept (a
+browser may still be fetching the previous one); the folder goes when the job has ended and a page
+shows it, and at the next start for jobs that ended while no page was open.
 """
 
 from __future__ import annotations
@@ -34,19 +36,32 @@ def section_video(partial: Path, sections_done: int) -> Path:
         return target
     try:
         folder.mkdir(exist_ok=True)
-        try:
-            os.link(partial, target)
-        except OSError:  # no hard links here (FAT, some network drives): one copy at a time
+        if os.name == "nt":
+            # Windows cannot replace partial.mp4 while a browser streams a link to the same file.
             shutil.copyfile(partial, target)
+        else:
+            try:
+                os.link(partial, target)
+            except OSError:  # no hard links here (FAT, some network drives): a copy
+                shutil.copyfile(partial, target)
     except OSError as exc:
         logger.warning("could not offer %s under a new name (%s); serving it as it is", partial, exc)
         return partial
     # Keep the previous one too: a browser may still be fetching it while the next poll arrives.
     for old in sorted(folder.iterdir())[:-2]:
-        old.unlink(missing_ok=True)
+        try:
+            old.unlink(missing_ok=True)
+        except OSError:  # still open somewhere (Windows): it goes with the folder later
+            pass
     return target
 
 
 def drop_previews(job_dir: Path) -> None:
-    """The job is finished and its final video is shown: the per-section names are not needed."""
+    """The job has ended: its per-section names are not needed any more."""
     shutil.rmtree(Path(job_dir) / PREVIEW_DIR, ignore_errors=True)
+
+
+def drop_all_previews(outputs_dir: Path) -> None:
+    """At start: names left by jobs that ended while no page was open (or by a crash)."""
+    for folder in Path(outputs_dir).glob(f"*/{PREVIEW_DIR}"):
+        shutil.rmtree(folder, ignore_errors=True)

@@ -20,7 +20,10 @@ def rows_to_storyboard(values: dict) -> tuple[tuple, tuple]:
     prompts, keyframes = [], []
     for i in range(1, STORY_ROWS + 1):
         at = values.get(f"story_at_{i}")
-        text = (values.get(f"story_prompt_{i}") or "").strip()
+        text = values.get(f"story_prompt_{i}") or ""
+        if not isinstance(text, str):
+            raise InputError(f"The prompt of storyboard row {i} must be text.")
+        text = text.strip()
         image = values.get(f"story_image_{i}")
         if not text and not image:
             continue  # an empty row (a time alone says nothing)
