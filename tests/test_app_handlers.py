@@ -511,3 +511,16 @@ def test_check_this_computer_shows_the_doctor_report(tiny_model_dir, tmp_path):
     finally:
         page.worker.shutdown()
     assert 'id="doctor_report"' in html and "GPU usable" in html and "This computer can run jobs." in html
+
+
+def test_history_details_show_the_cache_count_and_the_storyboard(tmp_path):
+    from framepack_local.jobs.listing import JobSummary
+
+    job = JobSummary("20250101-000000-abcdef", tmp_path, "waves", 5.0, "", "done", None, None, 2, 2, None,
+                     {"steps": 25, "cache": "mag", "timed_prompts": [[2.4, "storm"]], "keyframes": []},
+                     steps_computed=(13, 13), attention="sdpa")
+    text = render.history_details(job)
+    assert "mag step cache, 26 of 50 steps computed, sdpa attention" in text
+    assert "storyboard: 1 timed prompt, 0 keyframes" in text
+    assert "step cache" not in render.history_details(JobSummary(
+        "x", tmp_path, "", None, "", "done", None, None, 0, None, None, {}))  # old records: nothing to say

@@ -30,6 +30,8 @@ class JobSummary:
     sections: int | None
     error: str | None
     params: dict
+    steps_computed: tuple[int, ...] = ()  # per finished section: steps that ran the transformer (step cache)
+    attention: str | None = None  # the kernel the job ran with
 
     @property
     def resumable(self) -> bool:
@@ -72,6 +74,8 @@ def _read_summary(job_dir: Path, busy: set[Path]) -> JobSummary | None:
         sections=sections if isinstance(sections, int) else None,
         error=record.get("error") if isinstance(record.get("error"), str) else None,
         params=params,
+        steps_computed=tuple(n for n in (record.get("steps_computed") or ()) if isinstance(n, int)),
+        attention=(record.get("attention") or {}).get("used") if isinstance(record.get("attention"), dict) else None,
     )
 
 

@@ -140,8 +140,17 @@ def history_details(job: JobSummary | None) -> str:
         f"{job.seconds:g} s · {_date(job.created)} · **{job.status}**" if job.seconds is not None
         else f"{_date(job.created)} · **{job.status}**",
         f"sections done: {job.sections_done}" + (f" of {job.sections}" if job.sections else ""),
-        f"folder: `{job.job_dir}`",
     ]
+    steps = job.params.get("steps")
+    if job.steps_computed and isinstance(steps, int):
+        total = steps * len(job.steps_computed)
+        lines.append(f"speed: {esc(str(job.params.get('cache', 'off')))} step cache, {sum(job.steps_computed)} of "
+                     f"{total} steps computed" + (f", {esc(job.attention)} attention" if job.attention else ""))
+    timed, keys = job.params.get("timed_prompts") or (), job.params.get("keyframes") or ()
+    if timed or keys:
+        lines.append(f"storyboard: {len(timed)} timed prompt{'s' if len(timed) != 1 else ''}, "
+                     f"{len(keys)} keyframe{'s' if len(keys) != 1 else ''}")
+    lines.append(f"folder: `{job.job_dir}`")
     if job.error:
         lines.append(f"error: {esc(job.error)}")
     if job.resumable:
