@@ -147,5 +147,6 @@ if __name__ == "__main__":  # run.sh / run.bat, before the virtual environment e
 
     if sys.argv[1:] == ["--torch-index"]:
         index, why = torch_index_for(read_nvidia_smi())
-        print(f"PyTorch: {why}", file=sys.stderr)
-        print(index)
+        # The protocol with run.sh / run.bat: the index on stdout, the reason for the person on stderr.
+        sys.stderr.write(f"PyTorch: {why}\n")
+        sys.stdout.write(index + "\n")
