@@ -10,10 +10,11 @@ import logging
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 
 from .errors import FramePackError, InputError
-from .params import ATTENTION_BACKENDS, CACHE_MODES, DEFAULT_MODELS, DEFAULT_OUTPUTS, JobParams
+from .params import ATTENTION_BACKENDS, CACHE_MODES, DEFAULT_MODELS, DEFAULT_OUTPUTS, MAX_SECONDS, JobParams
 
 logger = logging.getLogger("framepack_local")
 CALIBRATION_PROMPT = "The person moves naturally, with clear movements, the camera stays still."
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sections over which a prompt change blends in (default 0: at once)")
     gen.add_argument("--storyboard", default=None, help="a JSON file with prompts, keyframes and blend_sections")
     gen.add_argument("--plan-only", action="store_true", help="print the section plan and exit; writes nothing")
-    gen.add_argument("--seconds", type=_number, default=d.seconds, help="length, 0.1-120 (default %(default)s)")
+    gen.add_argument("--seconds", type=_number, default=d.seconds, help=f"length, 0.1-{MAX_SECONDS:g} (default %(default)s)")
     gen.add_argument("--seed", type=_whole, default=d.seed)
     gen.add_argument("--steps", type=_whole, default=d.steps)
     gen.add_argument("--window", type=_whole, default=d.window, help="latent window size (default 9)")
@@ -191,20 +192,28 @@ def _resume(args) -> int:
 def _run_job(args, params: JobParams | None, job_dir: Path | None) -> int:
     from .events import CancelToken, JobStarted, Notice, SectionFinished, StageChanged, StepProgress
     from .engine.generate import Engine
+    from .memory.measure import peak_rss, rss_bytes
 
     cancel = CancelToken()
     # First Ctrl+C stops after the current step and keeps the video so far; a second one kills.
     signal.signal(signal.SIGINT, lambda *_: (cancel.cancel(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
 
+    last = [time.perf_counter()]
+
     def show(event) -> None:
         if isinstance(event, JobStarted):
+            last[0] = time.perf_counter()
             logger.info("job %s: %d sections, %d frames at %dx%d -> %s", event.job_id, event.sections,
                         event.frames, event.width, event.height, event.job_dir)
         elif isinstance(event, StepProgress):
             logger.info("section %d/%d step %d/%d", event.section, event.sections, event.step, event.steps)
         elif isinstance(event, SectionFinished):
-            logger.info("section %d/%d done: %s (%d frames)", event.section, event.sections, event.video_path,
-                        event.frames)
+            # Time and RAM per section: a long job's flat line is visible in the log (benchmarks/bench_long.py).
+            now = time.perf_counter()
+            logger.info("section %d/%d done in %.3f s (%.0f s elapsed, RAM %.0f MB, peak %.0f MB): %s (%d frames)",
+                        event.section, event.sections, now - last[0], event.elapsed_s, rss_bytes() / 2**20,
+                        peak_rss() / 2**20, event.video_path, event.frames)
+            last[0] = now
         elif isinstance(event, (StageChanged, Notice)):
             logger.info("%s", event.message)
 

@@ -32,7 +32,11 @@ SPEED_PRESETS = {
 
 # Seeds are stored in JSON and fed to torch.Generator.manual_seed; 2**63-1 keeps both exact.
 MAX_SEED = 2**63 - 1
-MAX_SECONDS = 120.0
+# No file format or data structure limits the length (the packed context has a fixed size, previews
+# and resume read a bounded tail); the disk does, and it is checked before a job starts
+# (engine/budget.py). One hour is a ceiling against typos: 108 001 frames, which at the reference
+# app's published 1.5 s per frame on an RTX 4090 (TeaCache) is already about two days of sampling.
+MAX_SECONDS = 3600.0
 MAX_STORYBOARD = 64  # timed prompts, and keyframes, per job
 MAX_STEPS = 100
 MAX_WINDOW = 33

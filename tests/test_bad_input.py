@@ -52,7 +52,7 @@ def no_job_folders(outputs):
 @pytest.mark.parametrize("flag,value,fragment", [
     ("--seconds", "abc", "not a number"),
     ("--seconds", "0", "seconds"),
-    ("--seconds", "121", "seconds"),
+    ("--seconds", "3601", "seconds"),
     ("--seconds", "nan", "not a finite number"),
     ("--steps", "0", "steps"),
     ("--steps", "2.5", "not a whole number"),

@@ -1,7 +1,6 @@
 """End to end on the tiny model: the CLI, the Python API, determinism and cancel."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -23,7 +23,7 @@ import torch
 from ..jobs import store
 from ..memory.plan import JobShape, MemoryPlan, plan as plan_memory
 from ..memory.probe import model_sizes_from_folder, probe
-from . import attention, mag_ratios, prompt_cache, schedule, step_cache, storyboard
+from . import attention, budget, mag_ratios, prompt_cache, schedule, step_cache, storyboard
 from .encode import (
     TextConditioning, blend_text, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode,
     vae_encode,
@@ -213,6 +213,9 @@ class Engine:
         store.ensure_writable(params.outputs_path)
         height, width = schedule.find_bucket(start_image.height, start_image.width, params.resolution)
         sections = schedule.section_count(params.seconds, params.window)
+        # The disk is what limits a long video: refuse now rather than fail with a full disk hours later.
+        budget.check_disk(budget.disk_need(sections, params.window, height, width, params.crf),
+                          budget.free_bytes(params.outputs_path), params.outputs_path, params.seconds)
         plans = self.section_plan(params, end_image is not None)
         keyframes = [load_image(path, what=f"keyframe image at {t:g} s") for t, path in params.sorted_keyframes]
         self._cache_plan(params)  # a cache that cannot work is refused now
@@ -282,6 +285,10 @@ class Engine:
                          for i in range(1, len(params.keyframes) + 1)]
         plans = self.section_plan(params, end_rgb is not None)
         done = int(record.get("sections_done", 0))
+        budget.check_disk(
+            budget.disk_need(len(plans), params.window, record["height"], record["width"], params.crf, done,
+                             budget.measured_bytes_per_frame(record.get("video"))),
+            budget.free_bytes(job_dir), job_dir, params.seconds)
         try:
             # Only what the packed history still holds is read back (flat RAM and a fast resume).
             tail = store.load_section_tail(job_dir, done, sections_to_replay(params.window))

@@ -232,18 +232,41 @@ def record(params) -> dict:
             "blend_sections": params.prompt_blend}
 
 
-def plan_table(plans: list[SectionPlan], prompts: list[str], keyframe_names: list[str]) -> str:
-    """The plan as text, in video order (what --plan-only prints and the page shows)."""
+def plan_table(plans: list[SectionPlan], prompts: list[str], keyframe_names: list[str],
+               collapse_over: int | None = None) -> str:
+    """The plan as text, in video order (what --plan-only prints and the page shows).
+
+    With more than `collapse_over` sections, neighbours that differ only in their numbers share one row
+    ("12-1795"), so a thousand-section plan stays a readable handful of rows for the page.
+    """
     def short(text: str) -> str:
         text = " ".join(text.split()) or "(no prompt)"
         return text if len(text) <= 48 else text[:47] + "…"
 
-    rows = [f"{'#':>3}  {'time (s)':<11}  {'anchor':>8} -> {'endpoint':<10}  {'prompt':<48}  {'sampled':>7}  {'pad':>3}"]
-    for p in sorted(plans, key=lambda p: p.video_index):
+    def body(p: SectionPlan) -> tuple:
         endpoint = keyframe_names[p.endpoint] if p.endpoint is not None else "-"
         prompt = short(prompts[p.prompt])
         if p.prompt_from is not None:
             prompt = f"{p.blend:.0%} {prompt} / {short(prompts[p.prompt_from])}"
-        rows.append(f"{p.video_index + 1:>3}  {p.start_s:5.1f}-{p.end_s:5.1f}  {keyframe_names[p.anchor]:>8} -> "
-                    f"{endpoint:<10}  {prompt:<48}  {p.number + 1:>7}  {p.layout.padding:>3}")
+        return keyframe_names[p.anchor], endpoint, prompt, p.layout.padding
+
+    ordered = sorted(plans, key=lambda p: p.video_index)
+    runs: list[list[SectionPlan]] = []
+    for p in ordered:
+        if collapse_over is not None and len(ordered) > collapse_over and runs and body(runs[-1][-1]) == body(p):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    wide = 11 if len(runs) == len(ordered) else 13
+    rows = [f"{'#':>{wide - 8}}  {'time (s)':<{wide}}  {'anchor':>8} -> {'endpoint':<10}  {'prompt':<48}  "
+            f"{'sampled':>7}  {'pad':>3}"]
+    for run in runs:
+        first, last = run[0], run[-1]
+        anchor, endpoint, prompt, padding = body(first)
+        number = f"{first.video_index + 1}" if len(run) == 1 else f"{first.video_index + 1}-{last.video_index + 1}"
+        sampled = sorted((first.number + 1, last.number + 1))
+        sampled_text = f"{sampled[0]}" if len(run) == 1 else f"{sampled[0]}-{sampled[1]}"
+        span = f"{first.start_s:5.1f}-{last.end_s:5.1f}"
+        rows.append(f"{number:>{wide - 8}}  {span:<{wide}}  {anchor:>8} -> {endpoint:<10}  {prompt:<48}  "
+                    f"{sampled_text:>7}  {padding:>3}")
     return "\n".join(rows)

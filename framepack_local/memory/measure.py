@@ -36,6 +36,18 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def peak_rss() -> int:
+    """The largest total resident memory this process has had (the kernel's high-water mark)."""
+    try:
+        import resource
+    except ImportError:  # Windows: the current value is the best portable number
+        return rss_bytes()
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
 class PeakSampler:
     """Context manager sampling ``anon_rss_bytes`` in a thread every ``interval`` seconds.
 

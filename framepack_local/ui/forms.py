@@ -8,10 +8,13 @@ from typing import Any
 
 from ..engine import schedule
 from ..errors import InputError
+from ..engine import budget
 from .story import STORY_FIELDS, rows_to_storyboard, storyboard_to_rows
-from ..params import MAX_RESOLUTION, MAX_STEPS, MAX_WINDOW, MIN_RESOLUTION, SPEED_PRESETS, JobParams, speed_of
+from ..params import (
+    MAX_RESOLUTION, MAX_SECONDS, MAX_STEPS, MAX_WINDOW, MIN_RESOLUTION, SPEED_PRESETS, JobParams, speed_of,
+)
 
-MIN_SECONDS_UI, MAX_SECONDS_UI = 1, 120
+MIN_SECONDS_UI, MAX_SECONDS_UI = 1, int(MAX_SECONDS)
 RANDOM_SEED_MAX = 2**31 - 1  # stays exact in the browser's JavaScript numbers
 DEFAULTS = JobParams(image="")
 # Where the page starts on a CPU or in demo mode: a short job in seconds instead of minutes (the
@@ -31,8 +34,10 @@ def form_defaults(small: bool) -> JobParams:
     return DEFAULTS.replace(**SMALL_JOB) if small else DEFAULTS
 
 
-def length_line(seconds: Any, window: Any) -> str:
-    """The live line under the length slider: frames and sections the request becomes."""
+def length_line(seconds: Any, window: Any, steps: Any = None, resolution: Any = None,
+                rate: budget.StepRate | None = None) -> str:
+    """The live line under the length slider: frames and sections the request becomes, and how long it
+    takes here at the rate a finished job measured (when there is one)."""
     try:
         seconds, window = float(seconds), int(window)
         if not (seconds > 0 and window >= 1):
@@ -41,9 +46,26 @@ def length_line(seconds: Any, window: Any) -> str:
         return "Choose a length and a window size."
     n = schedule.section_count(seconds, window)
     frames = schedule.total_frames(n, window)
-    return (f"{frames} frames = {frames / schedule.FPS:.1f} s at {schedule.FPS} fps, "
+    line = (f"{frames} frames = {frames / schedule.FPS:.1f} s at {schedule.FPS} fps, "
             f"made in {n} section{'s' if n != 1 else ''} of {schedule.VAE_TEMPORAL * window} frames; "
             f"storyboard times snap to the section starts, every {schedule.VAE_TEMPORAL * window / schedule.FPS:.2f} s")
+    return line + ". " + time_estimate(n, window, steps, resolution, rate)
+
+
+def time_estimate(sections: int, window: int, steps: Any, resolution: Any, rate: budget.StepRate | None) -> str:
+    """"About 3 h 10 min here", from the newest finished job's measured seconds per step (a square
+    bucket stands in for the photo's, which the estimate does not need to be exact about)."""
+    if rate is None:
+        return "The time this takes here is shown once a first job has finished on this computer."
+    try:
+        steps, resolution = int(steps), int(resolution)
+    except (TypeError, ValueError):
+        steps, resolution = DEFAULTS.steps, DEFAULTS.resolution
+    side = schedule.find_bucket(resolution, resolution, resolution)
+    total = budget.estimate_seconds(sections, max(1, steps), schedule.window_tokens(window, *side), rate)
+    same = rate.resolution == resolution and rate.window == window
+    return (f"About {budget.duration_text(total)} here{'' if same else ' (roughly: scaled from another size)'}, "
+            f"at the {rate.seconds_per_step:.2f} s per step job {rate.job_id} measured.")
 
 
 def _whole(label: str, value: Any, lo: int, hi: int) -> int:

@@ -9,14 +9,17 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
 
 from ..engine.storyboard import plan_for
 from ..errors import FramePackError, InputError
+from ..engine import budget
 from ..jobs.listing import JobSummary, list_jobs
 from ..weights.model_folder import missing_parts
 from ..worker import Worker
@@ -31,6 +34,7 @@ from .render import (
 logger = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 60
+RATE_TTL_S = 30.0
 POLL_OUTPUTS = (
     "progress", "preview", "partial_video", "final_video", "queue_table", "queue_pick", "stop_btn",
     "gallery", "history_pick", "history_ids", "models_md", "models_group", "download_html", "shown",
@@ -76,6 +80,17 @@ class Page:
         self.outputs_dir = Path(self.outputs_dir)
         if self.downloads is None:
             self.downloads = DownloadManager()
+
+    def step_rate(self) -> budget.StepRate | None:
+        """The newest finished job's measured seconds per step here (for time estimates), re-read at most
+        every RATE_TTL_S so the live length line does not scan the outputs folder on every slider move."""
+        now = time.monotonic()
+        cached = getattr(self, "_rate", None)
+        if cached is None or now - cached[0] > RATE_TTL_S:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            cached = (now, budget.latest_rate(self.outputs_dir, device))
+            self._rate = cached
+        return cached[1]
 
     # --- jobs ---
 

@@ -172,7 +172,8 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                                     placeholder="The girl dances gracefully, with clear movements, full of charm.")
                 seconds = gr.Slider(MIN_SECONDS_UI, MAX_SECONDS_UI, value=start.seconds, step=0.1,
                                     label="Length (seconds)", elem_id="seconds")
-                length_md = gr.Markdown(length_line(start.seconds, start.window), elem_id="length_line")
+                length_md = gr.Markdown(length_line(start.seconds, start.window, start.steps, start.resolution,
+                                                    page.step_rate()), elem_id="length_line")
                 with gr.Row():
                     start_btn = gr.Button("Start", variant="primary", elem_id="start_btn")
                     stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop_btn")
@@ -303,8 +304,10 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
         app.load(page.system, outputs=[system_box], api_name="system", show_progress="hidden")
         check_btn.click(page.check_computer, outputs=[doctor_box], api_name="check_computer")
 
-        for control in (seconds, window):
-            control.change(length_line, inputs=[seconds, window], outputs=[length_md], **private)
+        length_inputs = [seconds, window, steps, resolution]
+        for control in length_inputs:
+            control.change(lambda *v: length_line(*v, page.step_rate()), inputs=length_inputs, outputs=[length_md],
+                           **private)
 
         # Storyboard rows: a count in a State shows that many rows; removing a row clears it.
         add_row.click(lambda n: min(int(n) + 1, STORY_ROWS), inputs=[story_count], outputs=[story_count], **private)
@@ -315,6 +318,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
         for control in plan_inputs:
             control.change(section_plan_html, inputs=plan_inputs, outputs=[plan_box], **private)
         app.load(section_plan_html, inputs=plan_inputs, outputs=[plan_box], **private)
+        app.load(lambda *v: length_line(*v, page.step_rate()), inputs=length_inputs, outputs=[length_md], **private)
         random_btn.click(lambda: random.randint(0, RANDOM_SEED_MAX), outputs=[seed], **private)
 
         refresh_btn.click(page.history, outputs=[gallery, history_pick, history_ids], api_name="history", **hidden)

@@ -63,6 +63,9 @@ def storyboard_to_rows(params: dict, job_dir: Path | None) -> tuple[dict, int, i
     return out, min(len(rows), STORY_ROWS), max(0, len(rows) - STORY_ROWS)
 
 
+PLAN_ROWS_IN_FULL = 40  # longer plans show runs of alike sections as one row (a 600 s job has 500 sections)
+
+
 def plan_preview_html(seconds, window, mode, has_end_image: bool, prompt: str, blend, values: dict) -> str:
     """The section plan the form amounts to, or the sentence saying why it cannot work."""
     try:
@@ -78,6 +81,7 @@ def plan_preview_html(seconds, window, mode, has_end_image: bool, prompt: str, b
         return '<div class="fpl-plan-error">Choose a length and a window size to see the section plan.</div>'
     names = (["photo"] + [f"key@{t:g}s" for t, _ in keyframes]
              + (["end frame"] if has_end_image and mode == "inverted" else []))
-    table = storyboard.plan_table(plans, [prompt or ""] + [text for _, text in prompts], names)
+    table = storyboard.plan_table(plans, [prompt or ""] + [text for _, text in prompts], names,
+                                  collapse_over=PLAN_ROWS_IN_FULL)
     return (f'<div class="fpl-plan-box" data-sections="{len(plans)}"><pre class="fpl-plan">'
             f"{html.escape(table)}</pre></div>")
