@@ -84,11 +84,14 @@ def _record(**changes) -> dict:
 
 def test_a_finished_jobs_rate_estimates_another_jobs_time():
     rate = budget.rate_of(_record())
-    assert rate.seconds_per_step == pytest.approx(450.0 / 250)  # load time is not per step
+    assert rate.seconds_per_step == pytest.approx(400.0 / 250)  # sampling per step
+    assert rate.seconds_per_section == pytest.approx(50.0 / 10)  # decode and write per section; load is neither
     assert budget.rate_of(_record(status="stopped")) is None and budget.rate_of(_record(resumed=1)) is None
     assert budget.rate_of(_record(timings_s={})) is None and budget.rate_of({"status": "done"}) is None
+    assert budget.estimate_seconds(10, 50, rate.tokens, rate) - budget.estimate_seconds(10, 25, rate.tokens, rate) == (
+        pytest.approx(10 * 25 * 1.6))  # more steps cost sampling only
     same = budget.estimate_seconds(500, 25, rate.tokens, rate)
-    assert same == pytest.approx(500 * 25 * 1.8)
+    assert same == pytest.approx(500 * (25 * 1.6 + 5.0))
     assert budget.estimate_seconds(500, 25, rate.tokens // 2, rate) == pytest.approx(same / 2)
     assert [budget.duration_text(s) for s in (42, 600, 3 * 3600 + 600, 5 * 86400)] == [
         "42 s", "10 min", "3 h 10 min", "5.0 days"]
@@ -107,7 +110,7 @@ def test_the_latest_rate_comes_from_the_newest_finished_job_on_this_device(tmp_p
 def test_the_length_line_says_how_long_a_job_takes_here():
     rate = budget.rate_of(_record())
     line = forms.length_line(600, 9, 25, 640, rate)
-    assert "made in 500 sections" in line and "About 6 h" in line and "20261202-120000-abcdef" in line
+    assert "made in 500 sections" in line and "About 6 h 15 min" in line and "20261202-120000-abcdef" in line
     assert "roughly" not in line and "roughly" in forms.length_line(600, 9, 25, 320, rate)
     assert "once a first job has finished" in forms.length_line(600, 9, 25, 640, None)
 

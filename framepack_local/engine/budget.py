@@ -90,9 +90,11 @@ def measured_bytes_per_frame(video_state: dict | None) -> float | None:
 
 @dataclass(frozen=True)
 class StepRate:
-    """Wall seconds per section-step of a finished job (sampling, decode and writing, step cache included)."""
+    """What a finished job measured: sampling seconds per step, and decoding plus writing seconds per
+    section (step cache included); both grow with the size, so they are scaled by the token count."""
 
     seconds_per_step: float
+    seconds_per_section: float
     tokens: int  # noisy-window tokens of that job, to scale to another size
     job_id: str
     resolution: int
@@ -105,12 +107,14 @@ def rate_of(record: dict) -> StepRate | None:
         if record.get("status") != "done" or record.get("resumed"):
             return None
         timings, params = record["timings_s"], record["params"]
-        busy = sum(float(timings.get(k) or 0.0) for k in ("sampling", "decode", "write"))
-        steps = int(record["sections"]) * int(params["steps"])
+        sections, steps = int(record["sections"]), int(params["steps"])
+        sampling = float(timings["sampling"])
+        per_section = sum(float(timings.get(k) or 0.0) for k in ("decode", "write")) / max(sections, 1)
         tokens = schedule.window_tokens(int(params["window"]), int(record["height"]), int(record["width"]))
-        if busy <= 0 or steps <= 0 or tokens <= 0:
+        if sampling <= 0 or sections <= 0 or steps <= 0 or tokens <= 0:
             return None
-        return StepRate(busy / steps, tokens, str(record["job_id"]), int(params["resolution"]), int(params["window"]))
+        return StepRate(sampling / (sections * steps), per_section, tokens, str(record["job_id"]),
+                        int(params["resolution"]), int(params["window"]))
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -136,7 +140,7 @@ def latest_rate(outputs: Path, device: str | None = None, limit: int = 50) -> St
 def estimate_seconds(sections: int, steps: int, tokens: int, rate: StepRate) -> float:
     """Pure: the job's wall time at the measured rate, scaled by its size (linear in tokens: rough when
     the sizes differ, as attention grows faster than that)."""
-    return sections * steps * rate.seconds_per_step * tokens / rate.tokens
+    return sections * (steps * rate.seconds_per_step + rate.seconds_per_section) * tokens / rate.tokens
 
 
 def duration_text(seconds: float) -> str:

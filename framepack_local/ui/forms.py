@@ -49,7 +49,7 @@ def length_line(seconds: Any, window: Any, steps: Any = None, resolution: Any = 
     line = (f"{frames} frames = {frames / schedule.FPS:.1f} s at {schedule.FPS} fps, "
             f"made in {n} section{'s' if n != 1 else ''} of {schedule.VAE_TEMPORAL * window} frames; "
             f"storyboard times snap to the section starts, every {schedule.VAE_TEMPORAL * window / schedule.FPS:.2f} s")
-    return line + ". " + time_estimate(n, window, steps, resolution, rate)
+    return line + ".\n\n" + time_estimate(n, window, steps, resolution, rate)
 
 
 def time_estimate(sections: int, window: int, steps: Any, resolution: Any, rate: budget.StepRate | None) -> str:
@@ -64,8 +64,9 @@ def time_estimate(sections: int, window: int, steps: Any, resolution: Any, rate:
     side = schedule.find_bucket(resolution, resolution, resolution)
     total = budget.estimate_seconds(sections, max(1, steps), schedule.window_tokens(window, *side), rate)
     same = rate.resolution == resolution and rate.window == window
-    return (f"About {budget.duration_text(total)} here{'' if same else ' (roughly: scaled from another size)'}, "
-            f"at the {rate.seconds_per_step:.2f} s per step job {rate.job_id} measured.")
+    return (f"**About {budget.duration_text(total)} on this computer**"
+            f"{'' if same else ' (roughly: scaled from another size)'}, at {rate.seconds_per_step:.2f} s per step "
+            f"as job {rate.job_id} measured.")
 
 
 def _whole(label: str, value: Any, lo: int, hi: int) -> int:
