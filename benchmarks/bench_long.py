@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-DONE_RE = re.compile(r"section (\d+)/(\d+) done in ([\d.]+) s \(([\d.]+) s elapsed, RAM (\d+) MB, peak (\d+) MB\)")
+DONE_RE = re.compile(r"section (\d+)/(\d+) done: .* in ([\d.]+) s \(([\d.]+) s elapsed, RAM (\d+) MB, peak (\d+) MB\)")
 SAMPLING_RE = re.compile(r"Sampling section (\d+) of (\d+)")
 JOB_RE = re.compile(r"-> (\S+)$")
 

@@ -210,9 +210,9 @@ def _run_job(args, params: JobParams | None, job_dir: Path | None) -> int:
         elif isinstance(event, SectionFinished):
             # Time and RAM per section: a long job's flat line is visible in the log (benchmarks/bench_long.py).
             now = time.perf_counter()
-            logger.info("section %d/%d done in %.3f s (%.0f s elapsed, RAM %.0f MB, peak %.0f MB): %s (%d frames)",
-                        event.section, event.sections, now - last[0], event.elapsed_s, rss_bytes() / 2**20,
-                        peak_rss() / 2**20, event.video_path, event.frames)
+            logger.info("section %d/%d done: %s (%d frames) in %.3f s (%.0f s elapsed, RAM %.0f MB, peak %.0f MB)",
+                        event.section, event.sections, event.video_path, event.frames, now - last[0],
+                        event.elapsed_s, rss_bytes() / 2**20, peak_rss() / 2**20)
             last[0] = now
         elif isinstance(event, (StageChanged, Notice)):
             logger.info("%s", event.message)

@@ -15,7 +15,7 @@ from framepack_local.jobs.preview import LATEST_SECONDS, preview_scope
 from framepack_local.jobs.video import probe_video
 
 REPO = Path(__file__).resolve().parents[1]
-DONE_RE = re.compile(r"section (\d+)/\d+ done in ([\d.]+) s \(.* RAM (\d+) MB, peak (\d+) MB\): (\S+) \((\d+) frames\)")
+DONE_RE = re.compile(r"section (\d+)/\d+ done: (\S+) \((\d+) frames\) in ([\d.]+) s \(.* RAM (\d+) MB, peak (\d+) MB\)")
 
 
 def test_the_whole_video_is_republished_on_a_geometric_schedule():
@@ -45,8 +45,8 @@ def test_a_58_section_cli_job_stays_flat_and_a_stop_keeps_the_whole_video(tiny_m
         log.append(line)
         if m := DONE_RE.search(line):
             n = int(m.group(1))
-            rows[n] = {"s": float(m.group(2)), "rss": int(m.group(3)), "peak": int(m.group(4)),
-                       "frames": int(m.group(6)), "file": m.group(5)}
+            rows[n] = {"s": float(m.group(4)), "rss": int(m.group(5)), "peak": int(m.group(6)),
+                       "frames": int(m.group(3)), "file": m.group(2)}
             if n == 55:
                 proc.send_signal(signal.SIGINT)  # Ctrl+C: stop after the current step, keep the video
     assert proc.wait(timeout=60) == 1, "".join(log[-20:])

@@ -21,8 +21,9 @@ BITS_PER_PIXEL_AT_CRF16 = 0.5
 # While the last publish runs, the video exists as segments, the video so far, the final file and
 # one older video so far that an open page still streams (ui/serving.py keeps hard links).
 VIDEO_COPIES = 4
-# Left free for the rest of the computer.
-DISK_MARGIN = 512 * 2**20
+# No extra margin: the estimate is already generous, and a job that might fit is let run (a disk that
+# fills anyway fails with a sentence and keeps the finished sections, as before).
+DISK_MARGIN = 0
 SECTION_FILE_OVERHEAD = 8 * 2**10  # safetensors header and the generator state
 
 
