@@ -1,0 +1,97 @@
+"""LoRAs as runtime adapters: a forward hook on each adapted Linear adds ``sum_i w_i * B_i (A_i x)``.
+
+Why hooks and not PEFT's injected layers or merged weights (README "LoRA", benchmarks/bench_lora.py):
+
+- The factors live outside the model's parameters, so nothing that moves weights has to know about
+  them: fp8 layerwise casting (the hook sees the layer's input and output, never its fp8 weight),
+  "disk" memory maps, and block streaming, whose group offloading snapshots each block's tensors
+  when it is applied (diffusers keeps a pinned copy per parameter; a PEFT layer injected later is
+  not in it, and PEFT casts its own factors to the base layer's fp8 dtype, which fails on the CPU).
+- Switching LoRAs between jobs is dropping hooks and adding others: the 13B weights are never
+  re-read, re-cast or re-merged, and with no LoRA active the model is exactly the plain one.
+- The cost is two thin matmuls per adapted layer: rank x (in + out) against in x out multiply-adds,
+  about 2 % of a step at rank 32 on the 13B model (lora_flops_fraction).
+
+All LoRAs of one layer are concatenated into one (down, up) pair, the weights folded into ``up`` in
+float32 before the cast to the compute dtype: one pair of matmuls per layer however many LoRAs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .lora import LoadedLora
+
+logger = logging.getLogger(__name__)
+
+
+def combine(loras: list[LoadedLora], dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (down (R, in), up (out, R))} over every LoRA with a weight other than 0."""
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for lora in loras:
+        if lora.weight == 0:
+            continue
+        for module, (down, up) in lora.factors.items():
+            parts.setdefault(module, []).append((down, up.float() * lora.weight))
+    return {module: (torch.cat([d for d, _ in pairs]).to(dtype).contiguous(),
+                     torch.cat([u for _, u in pairs], dim=1).to(dtype).contiguous())
+            for module, pairs in parts.items()}
+
+
+class LoraAdapters:
+    """The active LoRAs of one transformer, for one job; ``close()`` leaves the plain model behind."""
+
+    def __init__(self, model: torch.nn.Module, loras: list[LoadedLora], dtype: torch.dtype,
+                 device: torch.device | str = "cpu", on_device: bool = False) -> None:
+        device = torch.device(device)
+        self.factors = combine(loras, dtype)
+        if device.type == "cuda":
+            # On the card when the plan has room; otherwise pinned, so each use is an async copy.
+            move = (lambda t: t.to(device)) if on_device else (lambda t: t.pin_memory())
+            self.factors = {m: (move(d), move(u)) for m, (d, u) in self.factors.items()}
+        self._handles = [model.get_submodule(module).register_forward_hook(functools.partial(self._add, module))
+                         for module in self.factors]
+        if self._handles:
+            logger.info("LoRA adapters on %d layers (%.1f MB, %s)", len(self._handles), self.bytes / 1e6,
+                        "on the GPU" if on_device and device.type == "cuda" else "in RAM")
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
+
+    @property
+    def layers(self) -> int:
+        return len(self._handles)
+
+    def _add(self, module: str, _layer, args, output):
+        x = args[0]
+        down, up = self.factors[module]
+        if down.device != x.device or down.dtype != x.dtype:
+            down = down.to(x.device, x.dtype, non_blocking=True)
+            up = up.to(x.device, x.dtype, non_blocking=True)
+        return output + F.linear(F.linear(x, down), up)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.factors = {}
+
+    def __enter__(self) -> "LoraAdapters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def lora_flops_fraction(linears: dict[str, tuple[int, int]], rank: int, modules=None) -> float:
+    """Extra multiply-adds of rank-``rank`` adapters on ``modules`` (default: every block Linear), as a
+    share of those layers' own: rank (in + out) / (in out) per token, weighted by layer size."""
+    modules = [m for m in (modules or linears) if m in linears and "blocks." in m]
+    base = sum(linears[m][0] * linears[m][1] for m in modules)
+    extra = sum(rank * (linears[m][0] + linears[m][1]) for m in modules)
+    return extra / base if base else 0.0
