@@ -14,8 +14,10 @@ Three layouts are in circulation, told apart by their keys:
   for either, so the flat names are matched against the transformer's own module names here, and
   ``alpha / rank`` is folded into the up matrix.
 
-Every layout ends as {module name: (down (rank, in), up (out, rank))} with the file's scale folded in,
-so the delta of a layer is ``weight * up @ down`` (lora.py never touches the model: lora_runtime.py does).
+Every layout ends as {module name: (down (rank, in), up (out, rank), scale)}: the delta of a layer is
+``weight * scale * up @ down``, scale being the file's alpha / rank (1 without alpha). The tensors stay
+as the file has them (no float32 copies of a whole file); lora.py never touches the model, lora_runtime.py
+does.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class LoadedLora:
     sha256: str
     weight: float
     format: str
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (down, up), file scale folded in
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (down, up, alpha / rank)
     unmatched: int = 0  # LoRA layers that name nothing in the transformer (left out)
     notes: list[str] = field(default_factory=list)
 
@@ -67,11 +69,11 @@ class LoadedLora:
 
     @property
     def rank(self) -> int:
-        return max((down.shape[0] for down, _ in self.factors.values()), default=0)
+        return max((down.shape[0] for down, _, _ in self.factors.values()), default=0)
 
     @property
     def file_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
+        return sum(t.numel() * t.element_size() for down, up, _ in self.factors.values() for t in (down, up))
 
     def record(self) -> dict:
         """What job.json keeps: enough to find the very same file again on resume."""
@@ -167,7 +169,7 @@ def detect_format(keys) -> str | None:
 
 
 def _pairs(tensors: dict[str, torch.Tensor], down: str, up: str) -> tuple[dict, int]:
-    """{module: (down, up)} with alpha/rank folded into up, and the count of keys that are neither."""
+    """{module: (down, up, alpha / rank)}, and the count of keys that are none of them."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     stray = 0
     for key, tensor in tensors.items():
@@ -190,9 +192,8 @@ def _pairs(tensors: dict[str, torch.Tensor], down: str, up: str) -> tuple[dict, 
             raise InputError(f"The LoRA layer {module} is not a pair of matrices (shapes {tuple(d.shape)} and "
                              f"{tuple(u.shape)}); only LoRAs of linear layers can be used.")
         stray += sum(1 for p in parts if p.endswith("_bias"))
-        if "alpha" in parts:  # kohya: the update is (alpha / rank) * up @ down
-            u = u.float() * (float(parts["alpha"]) / d.shape[0])
-        pairs[module] = (d, u)
+        # kohya: the update is (alpha / rank) * up @ down
+        pairs[module] = (d, u, float(parts["alpha"]) / d.shape[0] if "alpha" in parts else 1.0)
     return pairs, stray
 
 
@@ -211,13 +212,15 @@ def _kohya_names(model_linears: dict[str, tuple[int, int]], config: dict) -> dic
 def _from_original(pairs: dict, hidden: int) -> dict:
     """Original names -> the transformer's, through diffusers' converter (fused q/k/v split there).
 
-    diffusers splits single-block ``linear1`` at 3 x 3072 (the 13B width); we split it at the width of
-    this transformer first and name the parts as the converter leaves them.
+    One original layer at a time, so each part keeps its layer's scale. diffusers splits single-block
+    ``linear1`` at 3 x 3072 (the 13B width); we split it at the width of this transformer first and name
+    the parts as the converter would.
     """
     from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
 
-    flat = {}
-    for module, (down, up) in pairs.items():
+    out = {}
+    for module, (down, up, scale) in pairs.items():
+        flat = {}
         if module.startswith("single_blocks.") and module.endswith(".linear1"):
             block = module[: -len(".linear1")]
             q, k, v, mlp = torch.split(up, (hidden, hidden, hidden, up.shape[0] - 3 * hidden), dim=0)
@@ -227,13 +230,15 @@ def _from_original(pairs: dict, hidden: int) -> dict:
         else:
             flat[f"{module}.lora_A.weight"] = down
             flat[f"{module}.lora_B.weight"] = up
-    converted = _convert_hunyuan_video_lora_to_diffusers({f"diffusion_model.{k}": v for k, v in flat.items()})
-    return _pairs({_strip(k): v for k, v in converted.items()}, "lora_A", "lora_B")[0]
+        converted = _convert_hunyuan_video_lora_to_diffusers({f"diffusion_model.{k}": v for k, v in flat.items()})
+        for name, (d, u, _) in _pairs({_strip(k): v for k, v in converted.items()}, "lora_A", "lora_B")[0].items():
+            out[name] = (d, u, scale)
+    return out
 
 
 def convert(tensors: dict[str, torch.Tensor], model_linears: dict[str, tuple[int, int]], config: dict
             ) -> tuple[str | None, dict, int]:
-    """(format, {module: (down, up)} in the transformer's names, count of keys left out)."""
+    """(format, {module: (down, up, scale)} in the transformer's names, count of keys left out)."""
     unsupported = sorted({m for k in tensors for m in _UNSUPPORTED if m in k})
     if unsupported:
         raise InputError(f"This file is a {unsupported[0].strip('_.')} adapter, not a plain LoRA; only plain "
@@ -288,7 +293,7 @@ def load_lora(path: Path, weight: float, config: dict, sha256: str | None = None
         raise InputError(f"{path.name} matches none of this transformer's layers (0 of its {total} keys "
                          f"matched); it is probably a LoRA for another model (Wan, Flux, SDXL...): choose a "
                          f"HunyuanVideo or FramePack LoRA.")
-    for module, (down, up) in matched.items():
+    for module, (down, up, _) in matched.items():
         in_features, out_features = linears[module]
         if down.shape[1] != in_features or up.shape[0] != out_features or up.shape[1] != down.shape[0]:
             raise InputError(f"{path.name} does not fit this transformer: its layer {module} is "
@@ -309,6 +314,6 @@ def adapter_bytes(loras: list[LoadedLora], dtype_bytes: int) -> tuple[int, int]:
     for lora in loras:
         if lora.weight == 0:
             continue  # a weight of 0 attaches nothing
-        for module, (down, up) in lora.factors.items():
+        for module, (down, up, _) in lora.factors.items():
             per_layer[module] = per_layer.get(module, 0) + (down.numel() + up.numel()) * dtype_bytes
     return sum(per_layer.values()), max(per_layer.values(), default=0)

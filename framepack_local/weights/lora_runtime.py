@@ -28,18 +28,27 @@ from .lora import LoadedLora
 
 logger = logging.getLogger(__name__)
 
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+
 
 def combine(loras: list[LoadedLora], dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (down (R, in), up (out, R))} over every LoRA with a weight other than 0."""
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    """{module: (down (R, in), up (out, R))} over every LoRA with a weight other than 0, weight and scale in
+    ``up``. One layer at a time: the float32 temporaries never exceed one layer's."""
+    by_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for lora in loras:
         if lora.weight == 0:
             continue
-        for module, (down, up) in lora.factors.items():
-            parts.setdefault(module, []).append((down, up.float() * lora.weight))
-    return {module: (torch.cat([d for d, _ in pairs]).to(dtype).contiguous(),
-                     torch.cat([u for _, u in pairs], dim=1).to(dtype).contiguous())
-            for module, pairs in parts.items()}
+        for module, (down, up, scale) in lora.factors.items():
+            by_module.setdefault(module, []).append((down, up, lora.weight * scale))
+    combined = {}
+    for module, parts in by_module.items():
+        downs = [d.to(dtype) for d, _, _ in parts]
+        ups = [(u.float() * s).to(dtype) for _, u, s in parts]
+        # one LoRA (the usual case): no concatenation copy
+        down = downs[0] if len(downs) == 1 else torch.cat(downs)
+        up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
+        combined[module] = (down.contiguous(), up.contiguous())
+    return combined
 
 
 class LoraAdapters:
@@ -91,7 +100,7 @@ class LoraAdapters:
 def lora_flops_fraction(linears: dict[str, tuple[int, int]], rank: int, modules=None) -> float:
     """Extra multiply-adds of rank-``rank`` adapters on ``modules`` (default: every block Linear), as a
     share of those layers' own: rank (in + out) / (in out) per token, weighted by layer size."""
-    modules = [m for m in (modules or linears) if m in linears and "blocks." in m]
+    modules = [m for m in (modules or linears) if m in linears and m.startswith(BLOCK_PREFIXES)]
     base = sum(linears[m][0] * linears[m][1] for m in modules)
     extra = sum(rank * (linears[m][0] + linears[m][1]) for m in modules)
     return extra / base if base else 0.0
