@@ -270,6 +270,9 @@ def test_resume_with_loras_is_bit_identical_and_needs_the_file(models_with_loras
     assert "mine.safetensors this job used is missing" in err[0] and err[0].endswith("resume the job.")
     assert store.read_record(stopped.job_dir)["status"] == "stopped"  # refused before anything changed
 
+    shutil.copy(models_with_loras / "loras" / "two.safetensors", mine)  # another file under the same name
+    with pytest.raises(InputError, match="mine.safetensors has changed since the job started"):
+        engine.resume(stopped.job_dir)
     (tmp_path / "elsewhere.safetensors").rename(mine)
     resumed = engine.resume(stopped.job_dir)
     clean = engine.generate(params.replace(outputs=str(tmp_path / "b")))

@@ -15,7 +15,7 @@ import torch
 from ..errors import InputError
 from ..memory.plan import LoraCost, MemoryPlan
 from ..params import JobParams
-from ..weights.lora import LoadedLora, adapter_bytes, load_lora, resolve_lora_path, sha256_of
+from ..weights.lora import LoadedLora, adapter_bytes, load_lora, lora_folder, resolve_lora_path, sha256_of
 from ..weights.lora_runtime import LoraAdapters
 from ..weights.model_folder import MODE_PARTS
 
@@ -45,6 +45,9 @@ def prepare_resumed(params: JobParams, record: dict) -> list[LoadedLora]:
     loras = []
     for path, weight in params.loras:
         file = Path(path)
+        moved = lora_folder(params.models_path) / file.name  # the model folder moved (resume --models)
+        if not file.is_file() and moved.is_file() and recorded.get(path) == sha256_of(moved):
+            file = moved
         if not file.is_file():
             raise InputError(f"The LoRA file {file.name} this job used is missing (it was at {file}); put it "
                              f"back there to resume the job.")
