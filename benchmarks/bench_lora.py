@@ -65,9 +65,20 @@ def write_kohya(path: Path, linears: dict[str, tuple[int, int]], rank: int) -> P
     return path
 
 
+def _trim() -> None:
+    """Give freed heap back to the OS (glibc), so the next RssAnon baseline is not inflated by it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def switch(model, path: Path, config: dict, dtype: torch.dtype) -> dict:
     """One job's LoRA switch: read + sha256 + convert + check, then attach (the file's tensors let go, as
     the engine does); the parts' times, the RssAnon peak above the start and what stays while attached."""
+    _trim()
     with PeakSampler(interval=0.02) as peak:
         t0 = time.perf_counter()
         loaded = lora.load_lora(path, 0.8, config)

@@ -42,7 +42,9 @@ def combine(loras: list[LoadedLora], dtype: torch.dtype) -> dict[str, tuple[torc
             by_module.setdefault(module, []).append((down, up, lora.weight * scale))
     combined = {}
     for module, parts in by_module.items():
-        downs = [d.to(dtype) for d, _, _ in parts]
+        # copies, not views: safetensors hands out views of the file's memory map, which a user replacing
+        # the file mid-job must not be able to pull from under the adapters
+        downs = [d.to(dtype, copy=True) for d, _, _ in parts]
         ups = [(u.float() * s).to(dtype) for _, u, s in parts]
         # one LoRA (the usual case): no concatenation copy
         down = downs[0] if len(downs) == 1 else torch.cat(downs)
