@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sections over which a prompt change blends in (default 0: at once)")
     gen.add_argument("--storyboard", default=None, help="a JSON file with prompts, keyframes and blend_sections")
     gen.add_argument("--plan-only", action="store_true", help="print the section plan and exit; writes nothing")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                     help="a LoRA .safetensors file (a path, or a name in <models>/loras/) and its weight, -2 to 2 "
+                          "(default 1); repeatable")
     gen.add_argument("--seconds", type=_number, default=d.seconds, help=f"length, 0.1-{MAX_SECONDS:g} (default %(default)s)")
     gen.add_argument("--seed", type=_whole, default=d.seed)
     gen.add_argument("--steps", type=_whole, default=d.steps)
@@ -154,11 +157,13 @@ def _storyboard(args) -> dict:
 
 
 def _params(args) -> JobParams:
+    from .weights.lora import parse_lora_arg
+
     story = _storyboard(args)
     return JobParams(
         image=args.image, prompt=story["prompt"], end_image=args.end_image, seconds=args.seconds, seed=args.seed,
         timed_prompts=tuple(story["timed_prompts"]), keyframes=tuple(story["keyframes"]),
-        prompt_blend=story["prompt_blend"],
+        prompt_blend=story["prompt_blend"], loras=tuple(parse_lora_arg(spec) for spec in args.lora),
         steps=args.steps, window=args.window, mode=args.mode, sampler=args.sampler,
         distilled_cfg=args.distilled_cfg, cfg=args.cfg, negative_prompt=args.negative_prompt,
         cfg_rescale=args.cfg_rescale, resolution=args.resolution, crf=args.crf,

@@ -38,6 +38,8 @@ MAX_SEED = 2**63 - 1
 # app's published 1.5 s per frame on an RTX 4090 (TeaCache) is already about two days of sampling.
 MAX_SECONDS = 3600.0
 MAX_STORYBOARD = 64  # timed prompts, and keyframes, per job
+MAX_LORAS = 16  # LoRA files per job
+LORA_WEIGHT_RANGE = (-2.0, 2.0)
 MAX_STEPS = 100
 MAX_WINDOW = 33
 MIN_RESOLUTION = 64
@@ -56,6 +58,8 @@ class JobParams:
     timed_prompts: tuple = ()
     keyframes: tuple = ()
     prompt_blend: int = 0  # sections over which a prompt change blends in
+    # LoRA files (weights/lora.py): (path or name in models/loras/, weight) pairs, a tuple like the storyboard's.
+    loras: tuple = ()
     seconds: float = 5.0
     seed: int = 31337
     steps: int = 25
@@ -84,7 +88,7 @@ class JobParams:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        for name in ("timed_prompts", "keyframes"):
+        for name in ("timed_prompts", "keyframes", "loras"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in value))
@@ -123,6 +127,7 @@ class JobParams:
             raise InputError(f"The attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"not {self.attention!r}.")
         self._validate_storyboard()
+        self._validate_loras()
         if self.end_image and self.mode != "inverted":
             raise InputError("An end image only works in inverted anti-drift mode; switch the mode or drop the end image.")
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -146,6 +151,21 @@ class JobParams:
                 if name == "keyframes" and not entry[1]:
                     raise InputError(f"The keyframe at {entry[0]:g} s has no image; choose one or remove the row.")
         _check_int("prompt_blend", self.prompt_blend, 0, 16)
+
+    def _validate_loras(self) -> None:
+        """Shapes and weights; the files themselves are read and checked by the engine (weights/lora.py)."""
+        if not isinstance(self.loras, tuple):
+            raise InputError("loras must be a list of (file, weight) pairs.")
+        if len(self.loras) > MAX_LORAS:
+            raise InputError(f"At most {MAX_LORAS} LoRAs can be used at once, not {len(self.loras)}.")
+        lo, hi = LORA_WEIGHT_RANGE
+        for entry in self.loras:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
+                    and _is_real(entry[1])):
+                raise InputError(f"Each LoRA must be a (file, weight) pair with a number as weight, not {entry!r}.")
+            if not lo <= entry[1] <= hi:
+                raise InputError(f"The weight of the LoRA {Path(entry[0]).name} must be between {lo:g} and {hi:g}; "
+                                 f"{entry[1]:g} is out of range.")
 
     @property
     def sorted_keyframes(self) -> tuple:

@@ -30,7 +30,7 @@ def form(photo, **changes):
                   distilled_cfg=10, mode="inverted", window=9, cfg=1, negative_prompt="", cfg_rescale=0,
                   resolution=640, crf=16, memory_profile="auto", keep_free_gb=0, cache="mag", cache_threshold=0.1,
                   cache_max_skip=2, cache_retention=0.2, attention="auto", prompt_blend=0)
-    values.update({name: None for name in forms.STORY_FIELDS})
+    values.update({name: None for name in forms.STORY_FIELDS + forms.LORA_FIELDS})
     values.update(changes)
     return values
 
@@ -525,3 +525,48 @@ def test_history_details_show_the_cache_count_and_the_storyboard(tmp_path):
     assert "storyboard: 1 timed prompt, 0 keyframes" in text
     assert "step cache" not in render.history_details(JobSummary(
         "x", tmp_path, "", None, "", "done", None, None, 0, None, None, {}))  # old records: nothing to say
+
+
+def test_lora_picker_start_reuse_and_refresh(page, photo, tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from framepack_local.ui import loras as ui_loras
+    from lora_files import random_lora, write_lora
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for part in tiny_model_dir.iterdir():
+        (models / part.name).symlink_to(part, target_is_directory=part.is_dir())
+    (models / "loras" / "styles").mkdir(parents=True)
+    config = json.loads((tiny_model_dir / "transformer" / "config.json").read_text())
+    write_lora(models / "loras" / "one.safetensors", random_lora(tiny_model_dir), "kohya", config)
+    page.models_dir = models
+    assert page.lora_files()["choices"] == ["one.safetensors"]
+    write_lora(models / "loras" / "styles" / "two.safetensors", random_lora(tiny_model_dir, seed=3), "original", config)
+    import torch
+
+    save_file({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(2, 4)}, str(models / "loras" / "wan.safetensors"))
+    assert page.lora_files()["choices"] == ["one.safetensors", "styles/two.safetensors", "wan.safetensors"]
+    assert [u["visible"] for u in ui_loras.slider_updates(["one.safetensors", "styles/two.safetensors"])] == [
+        True, True, False, False]
+    assert ui_loras.slider_updates(["styles/two.safetensors"])[0]["label"] == "Weight of two.safetensors"
+
+    message, key = start(page, photo, lora_files=["one.safetensors", "styles/two.safetensors"], lora_weight_1=0.5,
+                         lora_weight_2=-1.25)
+    assert key, message
+    wait_for(lambda: page.engine.calls)
+    assert page.engine.calls[0].loras == ((str(models / "loras" / "one.safetensors"), 0.5),
+                                          (str(models / "loras" / "styles" / "two.safetensors"), -1.25))
+    page.engine.gate.set()
+    assert page.worker.wait(key, 10).status == "done"
+    filled = dict(zip(forms.FORM_FIELDS, page.reuse(page.history()[2][0])[:-3]))
+    assert filled["lora_files"] == ["one.safetensors", "styles/two.safetensors"]
+    assert (filled["lora_weight_1"], filled["lora_weight_2"], filled["lora_weight_3"]) == (0.5, -1.25, 1.0)
+
+    for changes, words in [(dict(lora_files=["wan.safetensors"]), "matches none"),
+                           (dict(lora_files=["one.safetensors"], lora_weight_1=2.5), "between -2 and 2"),
+                           (dict(lora_files=["gone.safetensors"]), "was not found"),
+                           (dict(lora_files=["one.safetensors"] * 5), "at most 4 LoRAs")]:
+        message, key = start(page, photo, **changes)
+        assert key == "" and words in message and one_sentence(message[3:]), message
+    assert len(page.engine.calls) == 1

@@ -265,3 +265,43 @@ def test_a_ten_section_job_is_served_from_its_folder_and_the_page_follows_it(ser
     import json
 
     assert json.loads((server.outputs / job / "job.json").read_text())["params"]["resolution"] == 64
+
+
+def test_lora_picker_reaches_the_job(server, context, photo, tiny_model_dir):
+    """A LoRA put into models/loras/ while the page is open: Refresh, pick it, set its weight, Start."""
+    import json
+
+    from lora_files import random_lora, write_lora
+
+    config = json.loads((tiny_model_dir / "transformer" / "config.json").read_text())
+    (tiny_model_dir / "loras").mkdir(exist_ok=True)
+    write_lora(tiny_model_dir / "loras" / "browser-test.safetensors", random_lora(tiny_model_dir), "kohya", config)
+    try:
+        page = open_page(context, server.url)
+        page.locator("#start_image input[type=file]").set_input_files(str(photo))
+        page.locator("#start_image img").first.wait_for(state="visible")
+        set_number(page, "seconds", 1)
+        set_number(page, "steps", 1)
+        page.locator("#advanced .label-wrap").click()
+        page.locator("#resolution").wait_for(state="visible")
+        set_number(page, "resolution", 64)
+        set_number(page, "window", 8)  # one section
+        page.locator("#lora .label-wrap").click()
+        page.locator("#lora_refresh").click()
+        page.locator("#lora_files input").click()
+        page.locator("ul[role=listbox] li", has_text="browser-test.safetensors").click()
+        page.locator("#lora_weight_1").wait_for(state="visible")
+        assert "browser-test.safetensors" in page.locator("#lora_weight_1").inner_text()
+        set_number(page, "lora_weight_1", -0.5)
+        before = page.locator("#progress .fpl-progress").get_attribute("data-job")
+        page.locator("#start_btn").click()
+        page.wait_for_function("() => document.querySelector('#message').innerText.includes('Started')")
+        page.wait_for_function(
+            """before => { const p = document.querySelector('#progress .fpl-progress');
+                           return p && p.dataset.job && p.dataset.job !== before && p.dataset.status === 'done'; }""",
+            arg=before or "")
+        job = page.locator("#progress .fpl-progress").get_attribute("data-job")
+        record = json.loads((server.outputs / job / "job.json").read_text())
+        assert [(e["name"], e["weight"]) for e in record["loras"]] == [("browser-test.safetensors", -0.5)]
+    finally:
+        (tiny_model_dir / "loras" / "browser-test.safetensors").unlink()

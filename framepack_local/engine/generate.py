@@ -23,7 +23,7 @@ import torch
 from ..jobs import store
 from ..memory.plan import JobShape, MemoryPlan, plan as plan_memory
 from ..memory.probe import model_sizes_from_folder, probe
-from . import attention, budget, mag_ratios, prompt_cache, schedule, step_cache, storyboard
+from . import attention, budget, lora_job, mag_ratios, prompt_cache, schedule, step_cache, storyboard
 from .encode import (
     TextConditioning, blend_text, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode,
     vae_encode,
@@ -72,6 +72,7 @@ class _Job:
     end_rgb: np.ndarray | None
     keyframe_rgbs: list[np.ndarray]  # the storyboard's keyframes by time, cropped to the bucket
     plans: list[storyboard.SectionPlan]
+    loras: list = field(default_factory=list)  # weights.lora.LoadedLora, read and checked
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -150,7 +151,7 @@ class Engine:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self._manager: ModelManager | None = None
 
-    def plan_for(self, params: JobParams, height: int, width: int) -> MemoryPlan:
+    def plan_for(self, params: JobParams, height: int, width: int, lora=None) -> MemoryPlan:
         """The memory plan for a job on this machine (pure planning over probed facts)."""
         facts = probe(params.outputs_path)
         if facts.cuda and self.device.type == "cuda":
@@ -162,7 +163,7 @@ class Engine:
             facts = dataclasses.replace(facts, cuda=False, vram_total=0, vram_free=0, bitsandbytes=False)
         sizes = model_sizes_from_folder(params.models_path, params.mode)
         shape = JobShape(height=height, width=width, window=params.window)
-        return plan_memory(facts, sizes, shape, params.memory_profile, params.keep_free_gb or None)
+        return plan_memory(facts, sizes, shape, params.memory_profile, params.keep_free_gb or None, lora)
 
     def manager(self, params: JobParams, plan: MemoryPlan) -> ModelManager:
         """Models stay loaded between jobs while folder, mode, storage and resident blocks stay the same."""
@@ -219,6 +220,7 @@ class Engine:
         plans = self.section_plan(params, end_image is not None)
         keyframes = [load_image(path, what=f"keyframe image at {t:g} s") for t, path in params.sorted_keyframes]
         self._cache_plan(params)  # a cache that cannot work is refused now
+        params, loras = lora_job.prepare(params)  # LoRA files found, read and checked against the transformer
 
         # 2. Job folder: parameters first, so even a crash leaves a record of what was asked.
         # The worker hands out the id at submit, so the page, the queue and the folder name agree.
@@ -233,9 +235,11 @@ class Engine:
         }
         if params.has_storyboard:
             record["storyboard"] = storyboard.record(params)
+        if loras:
+            record["loras"] = [lora.record() for lora in loras]
         job = _Job(params, job_dir, record, cover_resize_crop(start_image, height, width),
                    cover_resize_crop(end_image, height, width) if end_image is not None else None,
-                   [cover_resize_crop(k, height, width) for k in keyframes], plans)
+                   [cover_resize_crop(k, height, width) for k in keyframes], plans, loras)
         self._claim(job)
         save_png(job_dir / store.INPUT_IMAGE, job.start_rgb)
         if job.end_rgb is not None:
@@ -284,6 +288,7 @@ class Engine:
         keyframe_rgbs = [np.array(load_image(job_dir / store.KEYFRAME_IMAGE.format(i), what="saved keyframe image"))
                          for i in range(1, len(params.keyframes) + 1)]
         plans = self.section_plan(params, end_rgb is not None)
+        loras = lora_job.prepare_resumed(params, record)  # the same files, unchanged, or one sentence
         done = int(record.get("sections_done", 0))
         budget.check_disk(
             budget.disk_need(len(plans), params.window, record["height"], record["width"], params.crf, done,
@@ -298,7 +303,7 @@ class Engine:
         store.drop_sections_after(job_dir, done)  # a crash can leave a section that was never published
         record["timings_s"] = {}
         record["resumed"] = record.get("resumed", 0) + 1
-        job = _Job(params, job_dir, record, start_rgb, end_rgb, keyframe_rgbs, plans)
+        job = _Job(params, job_dir, record, start_rgb, end_rgb, keyframe_rgbs, plans, loras)
         self._claim(job)
         return self._run_guarded(job, _Saved(done, tail), on_event, cancel)
 
@@ -369,7 +374,7 @@ class Engine:
         # 3. Models, placed by the memory plan
         t0 = time.perf_counter()
         emit(StageChanged("load", "Planning memory and loading models"))
-        plan = self.plan_for(params, height, width)
+        plan = self.plan_for(params, height, width, lora_job.cost(job.loras, self.dtype))
         logger.info("%s", plan.table())
         record["memory_plan"] = plan.to_dict()
         record["models"] = model_identity(params.models_path)
@@ -424,6 +429,9 @@ class Engine:
             transformer, attention.choose(requested, attention.unavailable_reasons(self.device)),
             lambda sentence: emit(Notice(sentence)))
         record["attention"] = kernel.record(params.attention)
+        for note in (n for lora in job.loras for n in lora.notes):
+            emit(Notice(note))
+        adapters = lora_job.attach(transformer, job.loras, plan, self.device, self.dtype)
         status = "done"
         try:
             for section in job.plans[saved.done:]:
@@ -477,6 +485,7 @@ class Engine:
             status = "stopped"
             logger.info("job %s stopped after %d sections", job.job_id, record["sections_done"])
         finally:
+            adapters.close()  # the kept transformer is the plain one again for the next job
             cache.close()
             kernel.close()
         # A stopped section's count is not a finished section's.

@@ -18,7 +18,7 @@ the machine and the model folder.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 GB = 1024**3
 PROFILES = ("auto", "bf16", "fp8", "disk")
@@ -102,6 +102,16 @@ class JobShape:
 
 
 @dataclass(frozen=True)
+class LoraCost:
+    """What a job's LoRAs weigh (weights/lora.py adapter_bytes): the files as read, the combined factors in
+    the compute dtype, and the largest layer's factors (what a use copies when they stay in RAM)."""
+
+    file_bytes: int = 0
+    adapter_bytes: int = 0
+    largest_layer_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class Placement:
     model: str
     where: str  # "gpu", "cpu", "stream" (cpu -> gpu block by block), "disk" (mmap -> gpu)
@@ -129,6 +139,8 @@ class MemoryPlan:
     activation_bytes: int
     stages: tuple[StagePlan, ...]
     notes: tuple[str, ...] = field(default=())
+    lora_where: str = "none"  # "gpu" (factors kept on the card), "cpu" (RAM, copied per use) or "none"
+    lora_bytes: int = 0
 
     @property
     def peak_vram(self) -> int:
@@ -200,8 +212,50 @@ def _transformer_ram(size: TransformerSize, storage: str, mapped: bool = False) 
 
 
 def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = "auto",
-         keep_free_gb: float | None = None) -> MemoryPlan:
+         keep_free_gb: float | None = None, lora: LoraCost | None = None) -> MemoryPlan:
     """Choose placements so every stage's predicted peak stays under the facts (see module docstring)."""
+    base = _plan_models(facts, sizes, shape, profile, keep_free_gb)
+    keep_free = int((keep_free_gb if keep_free_gb is not None else 0.0) * GB)
+    vram_budget = min(facts.vram_total - CUDA_CONTEXT_BYTES, facts.vram_free) - keep_free
+    return add_lora_cost(base, lora, vram_budget)
+
+
+def add_lora_cost(plan: MemoryPlan, lora: LoraCost | None, vram_budget: int) -> MemoryPlan:
+    """The plan with a job's LoRAs counted in RAM and VRAM, per stage.
+
+    LoRAs never change the transformer's storage or its resident blocks: the loaded transformer is kept
+    between jobs by exactly those, so switching LoRAs never reloads it. The factors go on the GPU when
+    the card has room for them beside the sections' and the decode's peaks; otherwise they stay in RAM
+    (pinned) and each layer's pair is copied when used (a few MB per layer, beside a block's ~400 MB).
+    The files as read are held through the text and image stages; the combined factors replace them
+    once the adapters are attached, before the first section.
+    """
+    if lora is None or not (lora.file_bytes or lora.adapter_bytes):
+        return plan
+    cuda = plan.device == "cuda"
+    later = [s.vram for s in plan.stages if s.stage in ("sections", "decode")]
+    on_gpu = cuda and max(later, default=0) + lora.adapter_bytes * FRAGMENTATION <= vram_budget
+    stages = []
+    for s in plan.stages:
+        ram, vram = s.ram, s.vram
+        if s.stage in ("text", "image"):
+            ram += lora.file_bytes
+        else:
+            ram += 0 if on_gpu else lora.adapter_bytes
+            if on_gpu:
+                vram += int(lora.adapter_bytes * FRAGMENTATION)
+            elif cuda and s.stage == "sections":
+                vram += 2 * lora.largest_layer_bytes  # the pair in use and the next one's copy
+        stages.append(replace(s, ram=ram, vram=vram))
+    where = "gpu" if on_gpu else "cpu"
+    note = (f"LoRA factors: {lora.adapter_bytes / 1024**2:.0f} MB "
+            f"{'on the GPU' if on_gpu else 'in RAM' + (', copied to the GPU per layer' if cuda else '')}")
+    return replace(plan, stages=tuple(stages), lora_where=where, lora_bytes=lora.adapter_bytes,
+                   notes=plan.notes + (note,))
+
+
+def _plan_models(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str,
+                 keep_free_gb: float | None) -> MemoryPlan:
     if profile not in PROFILES:
         raise ValueError(f"unknown memory profile {profile!r}")
     notes: list[str] = []

@@ -9,6 +9,7 @@ from typing import Any
 from ..engine import schedule
 from ..errors import InputError
 from ..engine import budget
+from .loras import LORA_FIELDS, loras_to_rows, rows_to_loras
 from .story import STORY_FIELDS, rows_to_storyboard, storyboard_to_rows
 from ..params import (
     MAX_RESOLUTION, MAX_SECONDS, MAX_STEPS, MAX_WINDOW, MIN_RESOLUTION, SPEED_PRESETS, JobParams, speed_of,
@@ -26,7 +27,7 @@ FORM_FIELDS = (
     "image", "end_image", "prompt", "seconds", "seed", "steps", "distilled_cfg", "mode", "window", "cfg",
     "negative_prompt", "cfg_rescale", "resolution", "crf", "memory_profile", "keep_free_gb",
     "cache", "cache_threshold", "cache_max_skip", "cache_retention", "attention", "prompt_blend",
-) + STORY_FIELDS
+) + STORY_FIELDS + LORA_FIELDS
 
 
 def form_defaults(small: bool) -> JobParams:
@@ -139,6 +140,7 @@ def form_to_params(values: dict, models_dir: Path, outputs_dir: Path) -> JobPara
     kwargs["attention"] = str(values.get("attention") or DEFAULTS.attention)
     kwargs["prompt_blend"] = _whole("Blend prompt changes over", values.get("prompt_blend") or 0, 0, 16)
     kwargs["timed_prompts"], kwargs["keyframes"] = rows_to_storyboard(values)
+    kwargs["loras"] = rows_to_loras(values, models_dir)
     return JobParams(**kwargs).validate()
 
 
@@ -156,12 +158,13 @@ def speed_settings(speed: str | None) -> tuple:
     return tuple(preset[k] for k in ("cache", "cache_threshold", "cache_max_skip", "cache_retention"))
 
 
-def params_to_form(params: dict, job_dir: Path | None = None) -> dict:
+def params_to_form(params: dict, job_dir: Path | None = None, models_dir: Path | None = None) -> dict:
     """A job record's params -> form values (the inverse of form_to_params, as far as the form goes)."""
     out, rows, dropped = storyboard_to_rows(params, job_dir)
     out["story_rows"], out["story_dropped"] = max(rows, 1), dropped
+    out.update(loras_to_rows(params, models_dir))
     for name in FORM_FIELDS:
-        if name in ("image", "end_image") or name in STORY_FIELDS:
+        if name in ("image", "end_image") or name in STORY_FIELDS or name in LORA_FIELDS:
             continue
         # A record without the step cache or attention settings predates them: it ran uncached, on SDPA.
         value = params.get(name, {"cache": "off", "attention": "sdpa"}.get(name, getattr(DEFAULTS, name)))

@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 import torch
 
+from ..engine import lora_job
 from ..engine.storyboard import plan_for
 from ..errors import FramePackError, InputError
 from ..engine import budget
@@ -25,6 +26,7 @@ from ..weights.model_folder import missing_parts
 from ..worker import Worker
 from .downloads import DownloadManager
 from .forms import FORM_FIELDS, form_to_params, params_to_form
+from .loras import lora_choices
 from .serving import drop_previews, section_video
 from .render import (
     download_html, history_caption, history_details, models_report, preview_html, progress_html, queue_choices,
@@ -113,6 +115,7 @@ class Page:
             for at, path in params.keyframes:
                 load_image(path, what=f"keyframe at {at:g} s")
             plan_for(params, bool(params.end_image))  # a storyboard that cannot work, in one sentence
+            lora_job.prepare(params)  # a LoRA file that cannot be used, in one sentence
             before = self.worker.snapshot()
             key = self.worker.submit(params)
         except FramePackError as exc:
@@ -190,7 +193,7 @@ class Page:
             message = f"The record of job {job_id} cannot be read."
             _warn(message)
             return tuple(gr.skip() for _ in FORM_FIELDS) + (gr.skip(), gr.skip(), f"⚠️ {message}")
-        form = params_to_form(params, job_dir)
+        form = params_to_form(params, job_dir, self.models_dir)
         note = (f" The page shows the first {form['story_rows']} storyboard rows; {form['story_dropped']} more "
                 f"are in job.json." if form["story_dropped"] else "")
         return tuple(form[name] for name in FORM_FIELDS) + (form["speed"], form["story_rows"],
@@ -232,6 +235,10 @@ class Page:
         }
 
     # --- models ---
+
+    def lora_files(self) -> Any:
+        """The LoRA picker's choices, read again from models/loras/ (its Refresh button)."""
+        return gr.update(choices=lora_choices(self.models_dir))
 
     def models_panel(self) -> tuple[str, Any]:
         complete, text = models_report(self.models_dir)

@@ -19,6 +19,7 @@ from .forms import (
 )
 from .handlers import POLL_OUTPUTS, Page, form_endpoint
 from .serving import drop_all_previews, serve_static
+from .loras import LORA_HELP, LORA_SLOTS, lora_choices, slider_updates
 from .story import STORY_FIELDS, STORY_ROWS, plan_preview_html
 from .render import header_html, history_details, models_report, preview_html, progress_html, queue_html
 
@@ -210,6 +211,17 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                                              label="Blend a prompt change over this many sections (0 = at once)",
                                              elem_id="prompt_blend")
                     plan_box = gr.HTML("", elem_id="section_plan")
+                with gr.Accordion("LoRA", open=False, elem_id="lora"):
+                    gr.Markdown(LORA_HELP)
+                    with gr.Row(equal_height=True):
+                        # Custom values: Reuse may bring back a file given by path on the command line.
+                        lora_files = gr.Dropdown(lora_choices(page.models_dir), value=[], multiselect=True,
+                                                 allow_custom_value=True, label="LoRA files", elem_id="lora_files",
+                                                 scale=4)
+                        lora_refresh = gr.Button("Refresh", size="sm", elem_id="lora_refresh", scale=1,
+                                                 min_width=80)
+                    lora_weights = [gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", visible=False,
+                                              elem_id=f"lora_weight_{i}") for i in range(1, LORA_SLOTS + 1)]
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                     mode = gr.Radio([("Inverted anti-drift", "inverted"), ("Forward (F1)", "forward")],
                                     value=DEFAULTS.mode, label="Mode", elem_id="mode")
@@ -287,7 +299,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
 
         form = [image, end_image, prompt, seconds, seed, steps, distilled_cfg, mode, window, cfg, negative_prompt,
                 cfg_rescale, resolution, crf, memory_profile, keep_free_gb, cache, cache_threshold, cache_max_skip,
-                cache_retention, attention, prompt_blend, *story_fields]
+                cache_retention, attention, prompt_blend, *story_fields, lora_files, *lora_weights]
         assert len(form) == len(FORM_FIELDS)
         poll_outputs = [progress, preview, partial_video, final_video, queue_table, queue_pick, stop_btn, gallery,
                         history_pick, history_ids, models_md, models_group, download_box, shown]
@@ -320,6 +332,10 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
         app.load(section_plan_html, inputs=plan_inputs, outputs=[plan_box], **private)
         app.load(lambda *v: length_line(*v, page.step_rate()), inputs=length_inputs, outputs=[length_md], **private)
         random_btn.click(lambda: random.randint(0, RANDOM_SEED_MAX), outputs=[seed], **private)
+        # One weight slider per picked file, labelled with its name (values stay: Reuse sets them too).
+        lora_files.change(lambda picked: [gr.update(**u) for u in slider_updates(picked)], inputs=[lora_files],
+                          outputs=lora_weights, **private)
+        lora_refresh.click(page.lora_files, outputs=[lora_files], api_name="lora_files", **hidden)
 
         refresh_btn.click(page.history, outputs=[gallery, history_pick, history_ids], api_name="history", **hidden)
         gallery.select(page.gallery_select, inputs=[history_ids], outputs=[history_pick], **private)
