@@ -39,6 +39,11 @@ TILED_DECODE_BYTES = int(1.6 * GB)  # HunyuanVideo VAE, 256 px tiles x (16+1) fr
 # Whole-frame decode: the last up-block runs 128 channels at full resolution for every output frame,
 # fp16, with about three such tensors alive at once: 128 x 2 x 3 bytes per output pixel-frame.
 UNTILED_DECODE_BYTES_PER_PIXEL_FRAME = 768
+# weights/prefetch.py: two slots; each tensor of a block starts 512-byte aligned (a 13B block has at
+# most 32 tensors, 16 KB of padding): 64 KB per slot covers it with room for adapter weights.
+STREAM_SLOTS = 2
+SLOT_PADDING_BYTES = 64 * 1024
+COPY_MODES = ("overlapped", "synchronous")
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,8 @@ class MemoryPlan:
     activation_bytes: int
     stages: tuple[StagePlan, ...]
     notes: tuple[str, ...] = field(default=())
+    stream_copies: str = "overlapped"  # COPY_MODES: "synchronous" after a failed streaming self-test
+    stream_buffers: "StreamBuffers | None" = None  # what the prefetcher allocates (None: nothing streams)
 
     @property
     def peak_vram(self) -> int:
@@ -147,7 +154,9 @@ class MemoryPlan:
         """One readable table for logs and the job record."""
         gb = lambda b: f"{b / GB:5.1f} GB"  # noqa: E731
         lines = [f"memory plan ({self.profile}, {self.device}): transformer {self.transformer_storage}, "
-                 f"{self.resident_blocks} blocks resident / {self.streamed_blocks} streamed, "
+                 f"{self.resident_blocks} blocks resident / {self.streamed_blocks} streamed"
+                 + (f" ({self.stream_copies} copies)" if self.streamed_blocks and self.device == "cuda" else "")
+                 + ", "
                  f"text encoder {self.text_encoder_mode}, VAE {'tiled' if self.vae_tiling else 'whole frames'}",
                  f"{'stage':9s} {'peak VRAM':>9s} {'peak RAM':>9s}  placement"]
         for s in self.stages:
@@ -155,6 +164,36 @@ class MemoryPlan:
             lines.append(f"{s.stage:9s} {gb(s.vram):>9s} {gb(s.ram):>9s}  {where}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class StreamBuffers:
+    """What the block prefetcher holds while blocks stream: slots on the card, pinned staging in RAM."""
+
+    slots: int
+    slot_bytes: int
+    device_bytes: int  # VRAM: the slots the streamed blocks are computed from
+    pinned_bytes: int  # RAM, page-locked: one staging buffer per slot
+
+
+def stream_buffers(block_bytes: int, streamed: int) -> StreamBuffers | None:
+    """Pure: the buffers weights/prefetch.BlockPrefetcher allocates for ``streamed`` blocks of at most
+    ``block_bytes`` each (None when nothing streams). Allocated once; the same in both copy modes."""
+    if streamed <= 0:
+        return None
+    slots = min(STREAM_SLOTS, streamed)
+    slot = block_bytes + SLOT_PADDING_BYTES
+    return StreamBuffers(slots, slot, slots * slot, slots * slot)
+
+
+def with_copy_mode(p: "MemoryPlan", mode: str, reason: str | None = None) -> "MemoryPlan":
+    """Pure: the plan with its streamed blocks copied in ``mode`` (COPY_MODES), ``reason`` as a note."""
+    import dataclasses
+
+    if mode not in COPY_MODES:
+        raise ValueError(f"unknown copy mode {mode!r}")
+    notes = p.notes + ((reason,) if reason else ())
+    return dataclasses.replace(p, stream_copies=mode, notes=notes)
 
 
 # ---- activations
@@ -236,14 +275,14 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
     if (fixed + tsize.blocks_bytes(storage)) * FRAGMENTATION <= vram_budget:
         resident = n_blocks
     else:
-        # Two blocks in flight while streaming: the one computing and the one being copied.
-        room = vram_budget / FRAGMENTATION - fixed - 2 * block
-        resident = max(0, min(n_blocks, int(room // block))) if block else 0
+        # Two slots while streaming: the block computing and the one being copied.
+        room = vram_budget / FRAGMENTATION - fixed - stream_buffers(block, n_blocks).device_bytes
+        resident = max(0, min(n_blocks - 1, int(room // block))) if block else 0
         if room < 0:
             notes.append("the GPU is smaller than one streamed block plus activations; expect out-of-memory")
     streamed = n_blocks - resident
-    blocks_on_gpu = (resident + (2 if streamed else 0)) * block
-    sections_vram = int((fixed + min(blocks_on_gpu, tsize.blocks_bytes(storage))) * FRAGMENTATION)
+    buffers = stream_buffers(block, streamed)
+    sections_vram = int((fixed + resident * block + (buffers.device_bytes if buffers else 0)) * FRAGMENTATION)
 
     # Resident transformer blocks stay on the GPU between sections and between jobs (moving them would
     # cost a copy each time), so every later stage shares the card with them.
@@ -261,12 +300,14 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
         text_mode, llama_gpu = "gpu-int4", int(llama * 0.32)
     else:
         # Memory-mapped from the safetensors files and streamed layer by layer: no anonymous RAM.
-        text_mode, llama_gpu = "disk-fp16", int(llama / 32 * 2)  # two of 32 layers in flight
+        llama_buffers = stream_buffers(llama // 32, 32)  # the prefetcher's two slots of one layer each
+        text_mode, llama_gpu = "disk-fp16", llama_buffers.device_bytes
         notes.append("the text encoder streams layer by layer from its memory-mapped files (the GPU is left "
                      "to the transformer; repeated prompts come from the prompt cache)")
     text_vram = int((kept + llama_gpu + sizes.text_encoder_2 + text_act) * FRAGMENTATION)
-    # Loading passes at most one ~5 GB shard through RAM; the memory-mapped mode passes none.
-    text_ram_llama = 0 if text_mode == "disk-fp16" else min(llama, int(5 * GB))
+    # Loading passes at most one ~5 GB shard through RAM; the memory-mapped mode only its pinned staging.
+    text_ram_llama = (stream_buffers(llama // 32, 32).pinned_bytes if text_mode == "disk-fp16"
+                      else min(llama, int(5 * GB)))
     # Kept between jobs only where it lives off the GPU (memory-mapped); a GPU copy would sit beside the
     # transformer through every later stage.
     keep_text = (text_mode == "disk-fp16" and storage == "bf16"
@@ -283,7 +324,7 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
     decode_ram_frames = pixel_frames * 3 * 4
 
     t_ram = _transformer_ram(tsize, storage, mapped=True)
-    pinned = 2 * block  # low_cpu_mem_usage pins only the blocks in flight
+    pinned = buffers.pinned_bytes if buffers else 0  # the prefetcher's staging buffers, allocated once
     base = PROCESS_RAM_BYTES + small_ram
     stages = (
         StagePlan("text", (Placement("text_encoder", text_mode.split("-")[0], text_mode.split("-")[-1]),
@@ -300,7 +341,7 @@ def plan(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile: str = 
     if storage == "bf16" and streamed == 0 and profile == "auto":
         notes.append("the whole transformer fits on the GPU; nothing streams")
     return MemoryPlan(profile, "cuda", storage, resident, streamed, text_mode, keep_text, tiled, act, stages,
-                      tuple(notes))
+                      tuple(notes), stream_buffers=buffers)
 
 
 def _cpu_plan(profile: str, storage: str, sizes: ModelSizes, act: int, notes: list[str], ram_budget: int
