@@ -167,7 +167,7 @@ class Engine:
     def streaming_for(self, params: JobParams, plan: MemoryPlan) -> tuple[MemoryPlan, str | None, dict]:
         """Overlapped block copies only where this GPU's streaming self-test saw them equal the resident
         output (run once per GPU/driver/torch/diffusers, cached in <models>/.cache); else synchronous."""
-        from ..weights.selftest import needs_streaming, streaming_decision, streaming_verdict
+        from ..memory.streaming_selftest import needs_streaming, streaming_decision, streaming_verdict
 
         verdict = streaming_verdict(self.device, params.models_path / ".cache") if needs_streaming(plan) else None
         return streaming_decision(plan, verdict)

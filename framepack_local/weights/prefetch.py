@@ -3,7 +3,7 @@
 Why not diffusers' group offloading: its block-level stream path has open wrong-output reports
 (diffusers #11981, PR #12077; PR #13502: the compute stream does not wait for the copy stream), and
 ``low_cpu_mem_usage`` pins every block again on every step. Here the ordering is small enough to
-read and is proven on each GPU by ``selftest.streaming_selftest`` before it is used.
+read and is proven on each GPU by ``memory.streaming_selftest`` before it is used.
 
 Ordering (``k`` = a streamed block in execution order, ``s`` = one of two device slots):
 - at the first block of a forward (resident or not) every slot is marked stale (weights may have
@@ -105,7 +105,7 @@ class BlockPrefetcher:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.overlap = bool(overlap and self.cuda)
-        self.trace = trace  # tests: ("copy", k, slot) and ("compute", k, slot) in host order
+        self.trace = trace  # tests: ("copy" | "compute" | "done", k, slot) in host order
         self.copies = 0
         self.head = head if head is not None else (self.blocks[0] if self.blocks else None)
         self.match = 0 if self.cuda else CPU_MATCH
@@ -231,6 +231,8 @@ class BlockPrefetcher:
         self.active = None
         if self.cuda:
             self.computed[s].record(self._current_stream())
+        if self.trace is not None:
+            self.trace.append(("done", k, s))
         self.last_slot = s
         nxt = k + 1
         if nxt < len(self.blocks) and nxt not in self.holds:

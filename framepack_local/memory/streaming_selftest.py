@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .casting import BLOCK_LISTS, STORAGES
+from ..weights.casting import BLOCK_LISTS, STORAGES
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def fingerprint(device: torch.device) -> str:
 
     parts = [f"selftest{SELFTEST_VERSION}", f"torch {torch.__version__}", f"diffusers {diffusers.__version__}"]
     if device.type == "cuda":
-        from ..memory.gpu_check import read_nvidia_smi
+        from .gpu_check import read_nvidia_smi
 
         smi = read_nvidia_smi()
         major, minor = torch.cuda.get_device_capability(device)
@@ -98,7 +98,7 @@ def save_cached(cache_dir: Path, verdict: Verdict) -> None:
 
 def selftest_config(dual: int = 2, single: int = 2) -> dict:
     """The real 13B transformer config with only a few blocks (and one refiner layer)."""
-    from .model_folder import FRAMEPACK_TRANSFORMER_CONFIG
+    from ..weights.model_folder import FRAMEPACK_TRANSFORMER_CONFIG
 
     return dict(FRAMEPACK_TRANSFORMER_CONFIG, num_layers=dual, num_single_layers=single, num_refiner_layers=1)
 
@@ -107,7 +107,7 @@ def write_random_checkpoint(folder: Path, config: dict, seed: int = 0) -> Path:
     """A bf16 random-weight checkpoint of ``config``: N(0, 0.02), norm scales 1, one shard per block."""
     from safetensors.torch import save_file
 
-    from .casting import build_meta_model
+    from ..weights.casting import build_meta_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,8 +163,8 @@ def streaming_selftest(device, work_dir: Path, *, config: dict | None = None, st
                        dtype: torch.dtype | None = None, overlap: bool = True, key: str | None = None) -> Verdict:
     """Resident vs streamed on ``device`` for each storage; see the module docstring. Never raises for
     a failed run: the error becomes a failed verdict (jobs then copy synchronously)."""
-    from .storage import load_transformer
-    from .streaming import apply_streaming, remove_streaming, unload
+    from ..weights.storage import load_transformer
+    from ..weights.streaming import apply_streaming, remove_streaming, unload
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -228,7 +228,7 @@ def streaming_decision(plan, verdict: Verdict | None):
     """Pure: (plan, Notice sentence or None, job.json "streaming" record) for a plan and a verdict.
 
     Overlapped copies only after this machine's self-test saw them equal the resident output."""
-    from ..memory.plan import with_copy_mode
+    from .plan import with_copy_mode
 
     if not needs_streaming(plan):
         return plan, None, {"copies": "none"}
