@@ -183,11 +183,13 @@ def streaming_selftest(device, work_dir: Path, *, config: dict | None = None, st
                 model = load_transformer(folder, storage, dtype, cache_dir=Path(tmp) / "cache",
                                          keep_mapped=device.type == "cuda")
                 with torch.no_grad():
-                    apply_streaming(model, device, resident_blocks=n_blocks)  # everything resident
-                    resident = model(**inputs)[0].clone()
-                    remove_streaming(model)
+                    # Streamed first, from the storage's own host tensors (memory maps for "disk"); the
+                    # second forward reuses the slots. Then everything resident.
                     apply_streaming(model, device, resident_blocks=1, use_stream=overlap)
-                    streamed = [model(**inputs)[0].clone() for _ in range(2)]  # the second reuses the slots
+                    streamed = [model(**inputs)[0].clone() for _ in range(2)]
+                    remove_streaming(model)
+                    apply_streaming(model, device, resident_blocks=n_blocks)
+                    resident = model(**inputs)[0].clone()
                 unload(model)
                 equal = all(compare(resident, s) for s in streamed)
                 diff = max((resident.float() - s.float()).abs().max().item() for s in streamed)

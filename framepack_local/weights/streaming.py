@@ -94,8 +94,9 @@ def _is_streaming(model) -> bool:
     return prefetcher_of(model) is not None
 
 
-def _free_device_caches() -> None:
-    gc.collect()
+def _free_device_caches(collect: bool = True) -> None:
+    if collect:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         host_empty = getattr(torch._C, "_host_emptyCache", None)
@@ -125,7 +126,7 @@ def remove_streaming(model) -> None:
         for key, buffer in module._buffers.items():
             if buffer is not None and buffer.device.type != "cpu":
                 module._buffers[key] = buffer.to("cpu")
-    _free_device_caches()
+    _free_device_caches(collect=torch.cuda.is_available())  # the collection only matters for device memory
 
 
 def unload(model) -> None:
