@@ -293,9 +293,11 @@ class Bench:
                 model = (load_llama_streamed(llama_root, self.device, overlap=bool(verdict and verdict.passed))
                          if mode == "disk-fp16" else _load_llama_quantized(llama_root, 8 if mode == "int8" else 4))
                 row["load_s"] = round(time.perf_counter() - t0, 1)
-                with torch.no_grad():
-                    encode = lambda: model(input_ids=ids.to(self.device), output_hidden_states=True).hidden_states[-3]  # noqa: E731
-                    out, seconds = self.timed(encode, 2 if self.dry else 3)
+                def encode():
+                    with torch.no_grad():
+                        return model(input_ids=ids.to(self.device), output_hidden_states=True).hidden_states[-3]
+
+                out, seconds = self.timed(encode, 2 if self.dry else 3)
                 row.update(self.peaks(), s_per_prompt=_median(seconds[1:]), finite=bool(torch.isfinite(out).all()))
                 del model
             except Exception as exc:  # noqa: BLE001

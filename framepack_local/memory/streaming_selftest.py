@@ -103,8 +103,9 @@ def selftest_config(dual: int = 2, single: int = 2) -> dict:
     return dict(FRAMEPACK_TRANSFORMER_CONFIG, num_layers=dual, num_single_layers=single, num_refiner_layers=1)
 
 
-def write_random_checkpoint(folder: Path, config: dict, seed: int = 0) -> Path:
-    """A bf16 random-weight checkpoint of ``config``: N(0, 0.02), norm scales 1, one shard per block."""
+def write_random_checkpoint(folder: Path, config: dict, seed: int = 0, device: str = "cpu") -> Path:
+    """A bf16 random-weight checkpoint of ``config``: N(0, 0.02), norm scales 1, one shard per block.
+    ``device``: where the numbers are drawn (a GPU draws the 1.2 billion of the self-test in a moment)."""
     from safetensors.torch import save_file
 
     from ..weights.casting import build_meta_model
@@ -113,7 +114,7 @@ def write_random_checkpoint(folder: Path, config: dict, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     meta = build_meta_model(config)
     (folder / "config.json").write_text(json.dumps(dict(meta.config)), encoding="utf-8")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     groups = [("", None)] + [(f"{ln}.{i}.", b) for ln in BLOCK_LISTS for i, b in enumerate(getattr(meta, ln))]
     weight_map = {}
     for k, (prefix, module) in enumerate(groups):
@@ -122,8 +123,8 @@ def write_random_checkpoint(folder: Path, config: dict, seed: int = 0) -> Path:
         tensors = {}
         for name, t in named:
             norm_scale = "norm" in name and name.endswith("weight") and t.dim() == 1
-            tensors[name] = (torch.ones(t.shape) if norm_scale else torch.randn(t.shape, generator=g) * 0.02
-                             ).to(torch.bfloat16)
+            drawn = torch.ones(t.shape) if norm_scale else torch.randn(t.shape, generator=g, device=device) * 0.02
+            tensors[name] = drawn.to(torch.bfloat16).cpu()
         shard = f"diffusion_pytorch_model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         save_file(tensors, str(folder / shard))
         weight_map.update({n: shard for n in tensors})
@@ -176,7 +177,8 @@ def streaming_selftest(device, work_dir: Path, *, config: dict | None = None, st
     try:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="streaming-selftest-", dir=work_dir) as tmp:
-            folder = write_random_checkpoint(Path(tmp) / "transformer", config)
+            folder = write_random_checkpoint(Path(tmp) / "transformer", config,
+                                             device="cuda" if device.type == "cuda" else "cpu")
             n_blocks = config["num_layers"] + config["num_single_layers"]
             inputs = selftest_inputs(config, device, dtype)
             for storage in storages:
