@@ -221,3 +221,21 @@ def test_step_estimate_overlaps_or_adds_the_copies(real_sizes):
     assert slow["step_s"] == pytest.approx(slow["compute_s"] + slow["copy_s"], abs=0.02)
     # 13B weights x ~18.7k tokens x 2 + attention: on the order of 1 PFLOP per step at the 640 bucket
     assert 5 < fast["compute_s"] < 20
+
+
+def test_doctor_reports_the_selftest(tmp_path, monkeypatch):
+    import torch as real_torch
+
+    from framepack_local import doctor
+
+    line, verdict = doctor._streaming_selftest(real_torch, tmp_path, cuda=False, measure=True)
+    assert line.startswith("skipped: it needs a CUDA GPU") and verdict is None
+    # The GPU branch with a verdict injected (no CUDA here): what a failed self-test tells the user.
+    failed = st.Verdict(False, "gpu", {"fp8": {"equal": False, "max_abs_diff": 0.125}}, 21.0, None,
+                        "2026-01-01T00:00:00")
+    monkeypatch.setattr(st, "streaming_verdict", lambda device, cache, run: failed if run else None)
+    line, verdict = doctor._streaming_selftest(real_torch, tmp_path, cuda=True, measure=True)
+    assert line.startswith("FAILED (fp8 off by 0.125") and "synchronously" in line and verdict is failed
+    assert str(tmp_path / ".cache" / st.CACHE_FILE) in line
+    line, verdict = doctor._streaming_selftest(real_torch, tmp_path, cuda=True, measure=False)  # --quick
+    assert line.startswith("not run yet") and verdict is None
