@@ -89,7 +89,8 @@ def _streaming_selftest(torch, models_dir: Path, cuda: bool, measure: bool):
 
     verdict = streaming_verdict(torch.device("cuda"), models_dir / ".cache", run=measure)
     if verdict is None:
-        return "not run yet on this GPU (--quick skips it; the first streamed job runs it)", None
+        return ("not run yet on this GPU (the first job that streams blocks runs it, or `doctor` without "
+                "--quick)"), None
     when = f"checked {verdict.checked_at}, {verdict.seconds:.0f} s"
     if verdict.passed:
         return (f"passed: streamed blocks give the resident output bit for bit "
@@ -98,7 +99,9 @@ def _streaming_selftest(torch, models_dir: Path, cuda: bool, measure: bool):
             f"delete {models_dir / '.cache' / 'streaming_selftest.json'} to test again"), verdict
 
 
-def diagnose(models_dir: Path, outputs_dir: Path, measure: bool = True) -> Report:
+def diagnose(models_dir: Path, outputs_dir: Path, measure: bool = True, run_selftest: bool | None = None) -> Report:
+    """The report; ``run_selftest`` (default: ``measure``) runs the streaming self-test when this GPU has
+    no cached verdict yet."""
     import psutil
     import torch
 
@@ -153,7 +156,8 @@ def diagnose(models_dir: Path, outputs_dir: Path, measure: bool = True) -> Repor
                                f"{report.measured['bf16_matmul_tflops']} TFLOP/s")
     else:
         report.add("Measured", "skipped: bandwidth and matmul rate need a CUDA GPU" if not cuda else "skipped (--quick)")
-    line, report.selftest_verdict = _streaming_selftest(torch, Path(models_dir), cuda, measure)
+    line, report.selftest_verdict = _streaming_selftest(torch, Path(models_dir), cuda,
+                                                        measure if run_selftest is None else run_selftest)
     report.add("Streaming self-test", line)
 
     try:
