@@ -269,7 +269,7 @@ class Bench:
         llama = self.work / "llama8b"
         folder = llama / "text_encoder"
         if not (folder / "model.safetensors.index.json").exists():
-            write_random_llama(folder, LLAMA_8B)
+            write_random_llama(folder, LLAMA_8B, device="cuda")
         return llama
 
     def text_rows(self, root: Path, verdict) -> list[dict]:
@@ -308,8 +308,9 @@ class Bench:
         return rows
 
 
-def write_random_llama(folder: Path, config: dict, seed: int = 0) -> Path:
-    """A random-weight fp16 LlamaModel checkpoint of ``config``, one layer per shard in RAM at a time."""
+def write_random_llama(folder: Path, config: dict, seed: int = 0, device: str = "cpu") -> Path:
+    """A random-weight fp16 LlamaModel checkpoint of ``config``, one layer per shard in RAM at a time
+    (numbers drawn on ``device``: a GPU draws the 8 billion in seconds, one CPU thread takes minutes)."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaModel
@@ -325,12 +326,12 @@ def write_random_llama(folder: Path, config: dict, seed: int = 0) -> Path:
     for name, t in meta.named_parameters():
         key = ".".join(name.split(".")[:2]) if name.startswith("layers.") else "other"
         groups.setdefault(key, []).append((name, tuple(t.shape)))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     weight_map = {}
     for k, (key, named) in enumerate(groups.items()):
         shard = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(torch.float16)
-                   for n, s in named}, str(tmp / shard))
+        save_file({n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g, device=device) * 0.02
+                       ).to(torch.float16).cpu() for n, s in named}, str(tmp / shard))
         weight_map.update({n: shard for n, _ in named})
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     shutil.rmtree(folder, ignore_errors=True)
