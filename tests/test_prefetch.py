@@ -239,3 +239,131 @@ def test_doctor_reports_the_selftest(tmp_path, monkeypatch):
     assert str(tmp_path / ".cache" / st.CACHE_FILE) in line
     line, verdict = doctor._streaming_selftest(real_torch, tmp_path, cuda=True, measure=False)  # --quick
     assert line.startswith("not run yet") and verdict is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA event protocol, with a recording stand-in for the CUDA calls (no GPU here; on a GPU the
+# self-test checks the real thing). A vector-clock check proves the three orderings the streams need.
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeCuda(prefetch.CudaCalls):
+    def __init__(self, log, drop_waits_of=None):
+        self.log, self.drop = log, drop_waits_of  # a stream whose waits are lost (a broken protocol)
+        self.compute = FakeStream("compute", self)
+        self.current, self.events = self.compute, 0
+
+    def new_stream(self):
+        return FakeStream("copy", self)
+
+    def current_stream(self):
+        return self.compute
+
+    def new_event(self):
+        self.events += 1
+        return FakeEvent(f"e{self.events}", self)
+
+    def on_stream(self, stream):
+        import contextlib
+
+        @contextlib.contextmanager
+        def switch():
+            previous, self.current = self.current, stream
+            try:
+                yield
+            finally:
+                self.current = previous
+        return switch()
+
+    def copy(self, dst, src):
+        dst.copy_(src)
+        self.log.append(("h2d", self.current.name))
+
+    def pinned(self, nbytes):
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def synchronize(self):
+        self.log.append(("sync",))
+
+
+class FakeStream:
+    def __init__(self, name, cuda):
+        self.name, self.cuda = name, cuda
+
+    def wait_event(self, event):
+        if self.cuda.drop != self.name:
+            self.cuda.log.append(("wait", self.name, event.name))
+
+
+class FakeEvent:
+    def __init__(self, name, cuda):
+        self.name, self.cuda = name, cuda
+
+    def record(self, stream):
+        self.cuda.log.append(("record", self.name, stream.name))
+
+    def synchronize(self):
+        self.cuda.log.append(("host_wait", self.name))
+
+
+def protocol_violations(log):
+    """Replay the log with vector clocks; list every read/write of a slot or staging buffer that is not
+    ordered after what it must follow."""
+    clock = {"compute": {}, "copy": {}, "host": {}}
+    events, ops = {}, {"compute": 0, "copy": 0}
+    last_h2d, last_compute, pending_k, bad = {}, {}, None, []
+
+    def covers(who, op):
+        return op is None or clock[who].get(op[0], 0) >= op[1] or who == op[0]
+
+    def merge(who, other):
+        for k, v in other.items():
+            clock[who][k] = max(clock[who].get(k, 0), v)
+
+    for entry in log:
+        kind = entry[0]
+        if kind == "copy":
+            pending_k, slot = entry[1], entry[2]
+        elif kind == "h2d":
+            stream = entry[1]
+            if not covers(stream, last_compute.get(slot)):
+                bad.append(f"copy of block {pending_k} overwrites slot {slot} before its last compute finished")
+            if not covers("host", last_h2d.get(slot)):
+                bad.append(f"staging {slot} refilled before its previous copy left it")
+            ops[stream] += 1
+            last_h2d[slot] = (stream, ops[stream])
+        elif kind == "compute":
+            if not covers("compute", last_h2d.get(entry[2])):
+                bad.append(f"block {entry[1]} computes before its copy into slot {entry[2]} finished")
+            ops["compute"] += 1
+            last_compute[entry[2]] = ("compute", ops["compute"])
+        elif kind == "record":
+            events[entry[1]] = dict(clock[entry[2]], **{entry[2]: ops[entry[2]]})
+        elif kind == "wait":
+            merge(entry[1], events.get(entry[2], {}))
+        elif kind == "host_wait":
+            merge("host", events.get(entry[1], {}))
+    return bad
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_cuda_event_protocol_orders_every_copy(folder, inputs, resident_out, overlap):
+    model = weight_storage.load_transformer(folder, "bf16", F32)
+    log = []
+    summary = streaming.apply_streaming(model, "cpu", resident_blocks=1, use_stream=overlap, trace=log,
+                                        calls=FakeCuda(log))
+    assert summary["copies"] == ("overlapped" if overlap else "synchronous") and summary["pinned_bytes"] > 0
+    for _ in range(2):
+        assert torch.equal(forward(model, inputs), resident_out)
+    h2d = [e for e in log if e[0] == "h2d"]
+    assert len(h2d) == 8 and {e[1] for e in h2d} == {"copy" if overlap else "compute"}
+    assert protocol_violations(log) == []
+    # the check can fail: without the compute stream's waits (diffusers PR #13502's bug) or the copy
+    # stream's, it reports the race; with one stream (synchronous copies) there is none to report
+    for stream, race in (("compute", "computes before its copy"), ("copy", "before its last compute")):
+        model2 = weight_storage.load_transformer(folder, "bf16", F32)
+        log2 = []
+        streaming.apply_streaming(model2, "cpu", resident_blocks=1, use_stream=overlap, trace=log2,
+                                  calls=FakeCuda(log2, drop_waits_of=stream))
+        forward(model2, inputs)
+        assert overlap == any(race in b for b in protocol_violations(log2)), stream

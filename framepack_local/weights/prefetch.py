@@ -92,35 +92,66 @@ def block_slot_bytes(block: torch.nn.Module, match: int = 0) -> int:
     return slot_bytes((_nbytes(_get(ref)) for ref in block_tensors(block)), match)
 
 
+class CudaCalls:
+    """The CUDA calls the prefetcher makes, in one place: the CPU tests pass a recording stand-in
+    (there is no GPU to test on), the real ones run on a GPU and in the streaming self-test."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def new_stream(self):
+        return torch.cuda.Stream(self.device)
+
+    def current_stream(self):
+        return torch.cuda.current_stream(self.device)
+
+    def new_event(self):
+        return torch.cuda.Event()
+
+    def on_stream(self, stream):
+        return torch.cuda.stream(stream)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Host (pinned) -> device on the current stream, asynchronously."""
+        dst.copy_(src, non_blocking=True)
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
 class BlockPrefetcher:
     """Streams ``blocks`` (execution order) to ``device`` through two slots; see the module docstring.
 
     ``head`` is the first block of the forward (resident or streamed): its call starts a new pass.
     ``overlap``: copies on a side stream (CUDA only); False copies on the compute stream.
+    ``calls``: the CUDA calls (default: the real ones on a CUDA device; none on the CPU).
     """
 
     def __init__(self, blocks: list[torch.nn.Module], device: torch.device, *, head: torch.nn.Module | None = None,
-                 overlap: bool = True, trace: list | None = None) -> None:
+                 overlap: bool = True, trace: list | None = None, calls: CudaCalls | None = None) -> None:
         self.blocks = list(blocks)
         self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
+        self.calls = calls or (CudaCalls(self.device) if self.device.type == "cuda" else None)
+        self.cuda = self.calls is not None
         self.overlap = bool(overlap and self.cuda)
         self.trace = trace  # tests: ("copy" | "compute" | "done", k, slot) in host order
         self.copies = 0
         self.head = head if head is not None else (self.blocks[0] if self.blocks else None)
-        self.match = 0 if self.cuda else CPU_MATCH
+        self.match = 0 if self.device.type == "cuda" else CPU_MATCH
         capacity = max((block_slot_bytes(b, self.match) for b in self.blocks), default=0)
         n_slots = min(SLOTS, len(self.blocks))
         self.slots = [self._device_buffer(capacity) for _ in range(n_slots)]
-        self.staging = [torch.empty(capacity, dtype=torch.uint8, pin_memory=True) for _ in range(n_slots)] \
-            if self.cuda else []
+        self.staging = [self.calls.pinned(capacity) for _ in range(n_slots)] if self.cuda else []
         self.holds: list[int | None] = [None] * n_slots  # which block each slot holds (None: stale)
         self.last_slot = n_slots - 1  # the slot of the block computed last
         self.active: tuple[int, int, list] | None = None  # (k, slot, host tensors) while block k computes
         if self.cuda:
-            self.copy_stream = torch.cuda.Stream(self.device) if self.overlap else None
-            self.copy_done = [torch.cuda.Event() for _ in range(n_slots)]
-            self.computed = [torch.cuda.Event() for _ in range(n_slots)]
+            self.copy_stream = self.calls.new_stream() if self.overlap else None
+            self.copy_done = [self.calls.new_event() for _ in range(n_slots)]
+            self.computed = [self.calls.new_event() for _ in range(n_slots)]
 
     # ---- memory
 
@@ -138,16 +169,16 @@ class BlockPrefetcher:
     def _grow(self, needed: int) -> None:
         """A block grew (e.g. adapter weights were added): bigger slots, after every copy and use is done."""
         if self.cuda:
-            torch.cuda.synchronize(self.device)
+            self.calls.synchronize()
         self.slots = [self._device_buffer(needed) for _ in self.slots]
         if self.cuda:
-            self.staging = [torch.empty(needed, dtype=torch.uint8, pin_memory=True) for _ in self.staging]
+            self.staging = [self.calls.pinned(needed) for _ in self.staging]
         self.holds = [None] * len(self.slots)
 
     # ---- ordering
 
     def _current_stream(self):
-        return torch.cuda.current_stream(self.device)
+        return self.calls.current_stream()
 
     def _copy(self, k: int, s: int) -> None:
         """Copy block k's host tensors into slot s (see the module docstring for the waits)."""
@@ -167,9 +198,9 @@ class BlockPrefetcher:
             self.copy_done[s].synchronize()  # the staging buffer's previous copy has left it
             self._fill(self.staging[s], hosts, starts)
             stream = self.copy_stream if self.overlap else self._current_stream()
-            with torch.cuda.stream(stream):
+            with self.calls.on_stream(stream):
                 stream.wait_event(self.computed[s])  # the block that used slot s last is done with it
-                self.slots[s][:needed].copy_(self.staging[s][:needed], non_blocking=True)
+                self.calls.copy(self.slots[s][:needed], self.staging[s][:needed])
                 self.copy_done[s].record(stream)
         self.holds[s] = k
 
@@ -242,7 +273,7 @@ class BlockPrefetcher:
         """Put every host tensor back, wait for in-flight copies, drop the buffers."""
         self._release_failed()
         if self.cuda:
-            torch.cuda.synchronize(self.device)
+            self.calls.synchronize()
         self.slots, self.staging, self.holds = [], [], []
 
 

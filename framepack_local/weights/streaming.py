@@ -27,7 +27,7 @@ def _blocks(model) -> list[torch.nn.Module]:
 
 def apply_streaming(model, onload_device: Any, *, resident_blocks: int = 0, use_stream: bool | None = None,
                     offload_to_disk_path: str | None = None, blocks: list | None = None,
-                    trace: list | None = None) -> dict:
+                    trace: list | None = None, calls: prefetch.CudaCalls | None = None) -> dict:
     """Stream the model block by block to ``onload_device``.
 
     The first ``resident_blocks`` blocks in execution order (dual-stream, then single-stream; or
@@ -35,14 +35,15 @@ def apply_streaming(model, onload_device: Any, *, resident_blocks: int = 0, use_
     device for good; the others stay where they are (RAM or a memory map) and are copied per forward.
     ``use_stream`` (None -> True on CUDA): overlap the copies on a side stream; False: synchronous
     copies on the compute stream. ``offload_to_disk_path`` is accepted for old callers and unused: the
-    "disk" storage is already memory-mapped. ``trace`` collects the prefetcher's copy/compute order.
+    "disk" storage is already memory-mapped. ``trace`` collects the prefetcher's copy/compute order;
+    ``calls`` replaces its CUDA calls (tests).
     Returns a summary dict.
     """
     del offload_to_disk_path
     onload = torch.device(onload_device)
     if use_stream is None:
         use_stream = onload.type == "cuda"
-    use_stream = bool(use_stream and onload.type == "cuda")
+    use_stream = bool(use_stream and (onload.type == "cuda" or calls is not None))
     if _is_streaming(model):
         raise RuntimeError("apply_streaming was already applied to this model; call remove_streaming first")
     all_blocks = list(blocks) if blocks is not None else _blocks(model)
@@ -61,7 +62,7 @@ def apply_streaming(model, onload_device: Any, *, resident_blocks: int = 0, use_
                 module._buffers[name] = buffer.to(onload)
 
     fetcher = prefetch.BlockPrefetcher(streamed, onload, head=all_blocks[0] if all_blocks else None,
-                                       overlap=use_stream, trace=trace)
+                                       overlap=use_stream, trace=trace, calls=calls)
     if streamed:
         prefetch.attach(fetcher)
     setattr(model, _PREFETCHER_ATTR, fetcher)
