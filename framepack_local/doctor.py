@@ -29,6 +29,7 @@ class Check:
 class Report:
     checks: list[Check] = field(default_factory=list)
     measured: dict = field(default_factory=dict)
+    selftest_verdict: object = None  # memory.streaming_selftest.Verdict on a GPU
 
     @property
     def ok(self) -> bool:
@@ -44,7 +45,9 @@ class Report:
         return "\n".join(lines + ["", verdict])
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks], "measured": self.measured}
+        verdict = self.selftest_verdict.record() if self.selftest_verdict is not None else None
+        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks], "measured": self.measured,
+                "streaming_selftest": verdict}
 
 
 def _gb(n: float) -> str:
@@ -77,7 +80,28 @@ def _matmul_tflops(torch, n: int = 4096) -> float:
     return 10 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
 
 
-def diagnose(models_dir: Path, outputs_dir: Path, measure: bool = True) -> Report:
+def _streaming_selftest(torch, models_dir: Path, cuda: bool, measure: bool):
+    """(line, verdict): the cached verdict, or (not --quick) a fresh run; it is what jobs will do."""
+    if not cuda:
+        return ("skipped: it needs a CUDA GPU (jobs on the CPU do not stream blocks; the tests cover the "
+                "prefetcher's ordering on the CPU)"), None
+    from .memory.streaming_selftest import streaming_verdict
+
+    verdict = streaming_verdict(torch.device("cuda"), models_dir / ".cache", run=measure)
+    if verdict is None:
+        return ("not run yet on this GPU (the first job that streams blocks runs it, or `doctor` without "
+                "--quick)"), None
+    when = f"checked {verdict.checked_at}, {verdict.seconds:.0f} s"
+    if verdict.passed:
+        return (f"passed: streamed blocks give the resident output bit for bit "
+                f"({', '.join(verdict.storages)}; {when}); block copies overlap compute"), verdict
+    return (f"FAILED ({verdict.why}; {when}): jobs copy streamed blocks synchronously (slower, correct); "
+            f"delete {models_dir / '.cache' / 'streaming_selftest.json'} to test again"), verdict
+
+
+def diagnose(models_dir: Path, outputs_dir: Path, measure: bool = True, run_selftest: bool | None = None) -> Report:
+    """The report; ``run_selftest`` (default: ``measure``) runs the streaming self-test when this GPU has
+    no cached verdict yet."""
     import psutil
     import torch
 
@@ -132,10 +156,13 @@ def diagnose(models_dir: Path, outputs_dir: Path, measure: bool = True) -> Repor
                                f"{report.measured['bf16_matmul_tflops']} TFLOP/s")
     else:
         report.add("Measured", "skipped: bandwidth and matmul rate need a CUDA GPU" if not cuda else "skipped (--quick)")
-    report.add("Streaming self-test", "skipped: not part of this version yet")
+    line, report.selftest_verdict = _streaming_selftest(torch, Path(models_dir), cuda,
+                                                        measure if run_selftest is None else run_selftest)
+    report.add("Streaming self-test", line)
 
     try:
-        from .memory.plan import JobShape, plan
+        from .memory.plan import JobShape, estimate_step_seconds, plan
+        from .memory.streaming_selftest import streaming_decision
         from .memory.probe import model_sizes_from_folder, probe as probe_machine
         from .weights.model_folder import missing_parts
 
@@ -143,10 +170,22 @@ def diagnose(models_dir: Path, outputs_dir: Path, measure: bool = True) -> Repor
         if missing:
             report.add("Memory plan", f"skipped: the model folder {models_dir} lacks {', '.join(missing)}")
         else:
-            table = plan(probe_machine(outputs_dir), model_sizes_from_folder(models_dir, "inverted"), JobShape(),
-                         "auto", None).table()
-            report.add("Memory plan", "default job (640 bucket, auto):\n" + "\n".join("    " + line
-                                                                                     for line in table.splitlines()))
+            sizes = model_sizes_from_folder(models_dir, "inverted")
+            default_plan = plan(probe_machine(outputs_dir), sizes, JobShape(), "auto", None)
+            if cuda:
+                default_plan = streaming_decision(default_plan, report.selftest_verdict)[0]
+            report.add("Memory plan", "default job (640 bucket, auto):\n" + "\n".join(
+                "    " + line for line in default_plan.table().splitlines()))
+            rates = report.measured
+            if default_plan.device == "cuda" and "bf16_matmul_tflops" in rates:
+                est = estimate_step_seconds(default_plan, sizes.transformer, JobShape(), rates["bf16_matmul_tflops"],
+                                            rates["h2d_pinned_gb_s"])
+                report.measured["estimate_640"] = est
+                report.add("Speed estimate", f"about {est['step_s']} s per step at the 640 bucket (compute "
+                                             f"{est['compute_s']} s, block copies {est['copy_s']} s; an estimate "
+                                             "from the measured rates, not a measurement)")
+            else:
+                report.add("Speed estimate", "skipped: it needs the measured GPU rates")
     except Exception as exc:  # noqa: BLE001 - the rest of the report still helps
         logger.debug("memory plan failed", exc_info=True)
         report.add("Memory plan", f"could not be made ({type(exc).__name__}: {exc})")

@@ -165,6 +165,14 @@ class Engine:
         shape = JobShape(height=height, width=width, window=params.window)
         return plan_memory(facts, sizes, shape, params.memory_profile, params.keep_free_gb or None, lora)
 
+    def streaming_for(self, params: JobParams, plan: MemoryPlan) -> tuple[MemoryPlan, str | None, dict]:
+        """Overlapped block copies only where this GPU's streaming self-test saw them equal the resident
+        output (run once per GPU/driver/torch/diffusers, cached in <models>/.cache); else synchronous."""
+        from ..memory.streaming_selftest import needs_streaming, streaming_decision, streaming_verdict
+
+        verdict = streaming_verdict(self.device, params.models_path / ".cache") if needs_streaming(plan) else None
+        return streaming_decision(plan, verdict)
+
     def manager(self, params: JobParams, plan: MemoryPlan) -> ModelManager:
         """Models stay loaded between jobs while folder, mode, storage and resident blocks stay the same."""
         fresh = ModelManager(params.models_path, params.mode, plan, self.device, self.dtype)
@@ -178,7 +186,7 @@ class Engine:
 
     def loaded_models(self, params: JobParams) -> LoadedModels:
         """Every part at once, the transformer being the very object generate() uses (tests, benchmarks)."""
-        mgr = self.manager(params, self.plan_for(params, 64, 64))
+        mgr = self.manager(params, self.streaming_for(params, self.plan_for(params, 64, 64))[0])
         small = {n: mgr.small(n) for n in ("tokenizer", "text_encoder_2", "tokenizer_2", "vae", "image_encoder",
                                            "feature_extractor")}
         llama = load_part(params.models_path, "text_encoder", device=self.device, dtype=self.dtype)
@@ -374,7 +382,10 @@ class Engine:
         # 3. Models, placed by the memory plan
         t0 = time.perf_counter()
         emit(StageChanged("load", "Planning memory and loading models"))
-        plan = self.plan_for(params, height, width, lora_job.cost(job.loras, self.dtype))
+        planned = self.plan_for(params, height, width, lora_job.cost(job.loras, self.dtype))
+        plan, streaming_notice, record["streaming"] = self.streaming_for(params, planned)
+        if streaming_notice:
+            emit(Notice(streaming_notice))
         logger.info("%s", plan.table())
         record["memory_plan"] = plan.to_dict()
         record["models"] = model_identity(params.models_path)

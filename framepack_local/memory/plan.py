@@ -39,6 +39,11 @@ TILED_DECODE_BYTES = int(1.6 * GB)  # HunyuanVideo VAE, 256 px tiles x (16+1) fr
 # Whole-frame decode: the last up-block runs 128 channels at full resolution for every output frame,
 # fp16, with about three such tensors alive at once: 128 x 2 x 3 bytes per output pixel-frame.
 UNTILED_DECODE_BYTES_PER_PIXEL_FRAME = 768
+# weights/prefetch.py: two slots; each tensor of a block starts 512-byte aligned (a 13B block has at
+# most 32 tensors, 16 KB of padding): 64 KB per slot covers it with room for adapter weights.
+STREAM_SLOTS = 2
+SLOT_PADDING_BYTES = 64 * 1024
+COPY_MODES = ("overlapped", "synchronous")
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,8 @@ class MemoryPlan:
     notes: tuple[str, ...] = field(default=())
     lora_where: str = "none"  # "gpu" (factors kept on the card), "cpu" (RAM, copied per use) or "none"
     lora_bytes: int = 0
+    stream_copies: str = "overlapped"  # COPY_MODES: "synchronous" after a failed streaming self-test
+    stream_buffers: "StreamBuffers | None" = None  # what the prefetcher allocates (None: nothing streams)
 
     @property
     def peak_vram(self) -> int:
@@ -159,7 +166,9 @@ class MemoryPlan:
         """One readable table for logs and the job record."""
         gb = lambda b: f"{b / GB:5.1f} GB"  # noqa: E731
         lines = [f"memory plan ({self.profile}, {self.device}): transformer {self.transformer_storage}, "
-                 f"{self.resident_blocks} blocks resident / {self.streamed_blocks} streamed, "
+                 f"{self.resident_blocks} blocks resident / {self.streamed_blocks} streamed"
+                 + (f" ({self.stream_copies} copies)" if self.streamed_blocks and self.device == "cuda" else "")
+                 + ", "
                  f"text encoder {self.text_encoder_mode}, VAE {'tiled' if self.vae_tiling else 'whole frames'}",
                  f"{'stage':9s} {'peak VRAM':>9s} {'peak RAM':>9s}  placement"]
         for s in self.stages:
@@ -169,7 +178,66 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class StreamBuffers:
+    """What the block prefetcher holds while blocks stream: slots on the card, pinned staging in RAM."""
+
+    slots: int
+    slot_bytes: int
+    device_bytes: int  # VRAM: the slots the streamed blocks are computed from
+    pinned_bytes: int  # RAM, page-locked: one staging buffer per slot
+
+
+def stream_buffers(block_bytes: int, streamed: int) -> StreamBuffers | None:
+    """Pure: the buffers weights/prefetch.BlockPrefetcher allocates for ``streamed`` blocks of at most
+    ``block_bytes`` each (None when nothing streams). Allocated once; the same in both copy modes."""
+    if streamed <= 0:
+        return None
+    slots = min(STREAM_SLOTS, streamed)
+    slot = block_bytes + SLOT_PADDING_BYTES
+    return StreamBuffers(slots, slot, slots * slot, slots * slot)
+
+
+def with_copy_mode(p: "MemoryPlan", mode: str, reason: str | None = None) -> "MemoryPlan":
+    """Pure: the plan with its streamed blocks copied in ``mode`` (COPY_MODES), ``reason`` as a note."""
+    import dataclasses
+
+    if mode not in COPY_MODES:
+        raise ValueError(f"unknown copy mode {mode!r}")
+    notes = p.notes + ((reason,) if reason else ())
+    return dataclasses.replace(p, stream_copies=mode, notes=notes)
+
+
 # ---- activations
+
+
+def job_tokens(shape: JobShape) -> int:
+    """Tokens of one transformer call: the noisy window (patch 1x2x2), the clean 1x frames (start + 1x
+    history), the 2x history (kernel 2x4x4) and 4x history (kernel 4x8x8), text and SigLIP tokens."""
+    lh, lw = shape.height // 8, shape.width // 8
+    per_frame = (lh // 2) * (lw // 2)
+    h1, h2, h4 = shape.history
+    window = shape.window * per_frame
+    clean = (1 + h1) * per_frame
+    two_x = math.ceil(h2 / 2) * math.ceil(lh / 4) * math.ceil(lw / 4)
+    four_x = math.ceil(h4 / 4) * math.ceil(lh / 8) * math.ceil(lw / 8)
+    return window + clean + two_x + four_x + shape.text_tokens + shape.image_tokens
+
+
+def estimate_step_seconds(p: "MemoryPlan", size: TransformerSize, shape: JobShape, tflops: float,
+                          h2d_gb_s: float) -> dict:
+    """Pure, an estimate: seconds per sampling step from a measured bf16 matmul rate and pinned
+    host-to-device bandwidth. Compute: 2 FLOPs per weight per token in every block (bf16 weights are
+    2 bytes) plus attention (QK^T and AV: 4 x tokens^2 x hidden per block); copies: the streamed
+    blocks in the plan's storage, overlapped with compute or after it (synchronous copies)."""
+    tokens = job_tokens(shape)
+    n_blocks = len(size.blocks)
+    flops = 2 * tokens * size.blocks_bytes("bf16") / 2 + 4 * tokens**2 * size.hidden * n_blocks
+    compute = flops / max(tflops, 1e-6) / 1e12
+    streamed_bytes = sum(size._blocks(p.transformer_storage)[p.resident_blocks:]) if p.streamed_blocks else 0
+    copy = streamed_bytes / max(h2d_gb_s, 1e-6) / 1e9
+    step = max(compute, copy) if p.stream_copies == "overlapped" else compute + copy
+    return {"tokens": tokens, "compute_s": round(compute, 2), "copy_s": round(copy, 2), "step_s": round(step, 2)}
 
 
 def activation_bytes(shape: JobShape, hidden: int = 3072, dtype_bytes: int = 2) -> int:
@@ -183,14 +251,7 @@ def activation_bytes(shape: JobShape, hidden: int = 3072, dtype_bytes: int = 2) 
     the 128-wide head) and the modulation vectors are small next to that. Attention itself is
     O(tokens) with flash / memory-efficient SDPA, which CUDA uses for bf16.
     """
-    lh, lw = shape.height // 8, shape.width // 8
-    per_frame = (lh // 2) * (lw // 2)
-    h1, h2, h4 = shape.history
-    window = shape.window * per_frame
-    clean = (1 + h1) * per_frame
-    two_x = math.ceil(h2 / 2) * math.ceil(lh / 4) * math.ceil(lw / 4)
-    four_x = math.ceil(h4 / 4) * math.ceil(lh / 8) * math.ceil(lw / 8)
-    tokens = window + clean + two_x + four_x + shape.text_tokens + shape.image_tokens
+    tokens = job_tokens(shape)
     block_peak = 19 * tokens * hidden * dtype_bytes
     rope = tokens * 128 * 2 * 4
     return block_peak + rope
@@ -290,14 +351,14 @@ def _plan_models(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile
     if (fixed + tsize.blocks_bytes(storage)) * FRAGMENTATION <= vram_budget:
         resident = n_blocks
     else:
-        # Two blocks in flight while streaming: the one computing and the one being copied.
-        room = vram_budget / FRAGMENTATION - fixed - 2 * block
-        resident = max(0, min(n_blocks, int(room // block))) if block else 0
+        # Two slots while streaming: the block computing and the one being copied.
+        room = vram_budget / FRAGMENTATION - fixed - stream_buffers(block, n_blocks).device_bytes
+        resident = max(0, min(n_blocks - 1, int(room // block))) if block else 0
         if room < 0:
             notes.append("the GPU is smaller than one streamed block plus activations; expect out-of-memory")
     streamed = n_blocks - resident
-    blocks_on_gpu = (resident + (2 if streamed else 0)) * block
-    sections_vram = int((fixed + min(blocks_on_gpu, tsize.blocks_bytes(storage))) * FRAGMENTATION)
+    buffers = stream_buffers(block, streamed)
+    sections_vram = int((fixed + resident * block + (buffers.device_bytes if buffers else 0)) * FRAGMENTATION)
 
     # Resident transformer blocks stay on the GPU between sections and between jobs (moving them would
     # cost a copy each time), so every later stage shares the card with them.
@@ -315,12 +376,14 @@ def _plan_models(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile
         text_mode, llama_gpu = "gpu-int4", int(llama * 0.32)
     else:
         # Memory-mapped from the safetensors files and streamed layer by layer: no anonymous RAM.
-        text_mode, llama_gpu = "disk-fp16", int(llama / 32 * 2)  # two of 32 layers in flight
+        llama_buffers = stream_buffers(llama // 32, 32)  # the prefetcher's two slots of one layer each
+        text_mode, llama_gpu = "disk-fp16", llama_buffers.device_bytes
         notes.append("the text encoder streams layer by layer from its memory-mapped files (the GPU is left "
                      "to the transformer; repeated prompts come from the prompt cache)")
     text_vram = int((kept + llama_gpu + sizes.text_encoder_2 + text_act) * FRAGMENTATION)
-    # Loading passes at most one ~5 GB shard through RAM; the memory-mapped mode passes none.
-    text_ram_llama = 0 if text_mode == "disk-fp16" else min(llama, int(5 * GB))
+    # Loading passes at most one ~5 GB shard through RAM; the memory-mapped mode only its pinned staging.
+    text_ram_llama = (stream_buffers(llama // 32, 32).pinned_bytes if text_mode == "disk-fp16"
+                      else min(llama, int(5 * GB)))
     # Kept between jobs only where it lives off the GPU (memory-mapped); a GPU copy would sit beside the
     # transformer through every later stage.
     keep_text = (text_mode == "disk-fp16" and storage == "bf16"
@@ -337,7 +400,7 @@ def _plan_models(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile
     decode_ram_frames = pixel_frames * 3 * 4
 
     t_ram = _transformer_ram(tsize, storage, mapped=True)
-    pinned = 2 * block  # low_cpu_mem_usage pins only the blocks in flight
+    pinned = buffers.pinned_bytes if buffers else 0  # the prefetcher's staging buffers, allocated once
     base = PROCESS_RAM_BYTES + small_ram
     stages = (
         StagePlan("text", (Placement("text_encoder", text_mode.split("-")[0], text_mode.split("-")[-1]),
@@ -354,7 +417,7 @@ def _plan_models(facts: SystemFacts, sizes: ModelSizes, shape: JobShape, profile
     if storage == "bf16" and streamed == 0 and profile == "auto":
         notes.append("the whole transformer fits on the GPU; nothing streams")
     return MemoryPlan(profile, "cuda", storage, resident, streamed, text_mode, keep_text, tiled, act, stages,
-                      tuple(notes))
+                      tuple(notes), stream_buffers=buffers)
 
 
 def _cpu_plan(profile: str, storage: str, sizes: ModelSizes, act: int, notes: list[str], ram_budget: int

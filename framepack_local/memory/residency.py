@@ -91,7 +91,7 @@ class ModelManager:
         if mode in ("gpu-int8", "gpu-int4") and self.cuda:
             return _load_llama_quantized(self.root, bits=8 if mode == "gpu-int8" else 4)
         if mode == "disk-fp16" and self.cuda:
-            return load_llama_streamed(self.root, self.device)
+            return load_llama_streamed(self.root, self.device, overlap=self.plan.stream_copies == "overlapped")
         dtype = torch.float16 if self.cuda else self.dtype
         return load_part(self.root, "text_encoder", device=self.device, dtype=dtype)
 
@@ -112,7 +112,8 @@ class ModelManager:
             if self.plan.streamed_blocks == 0:
                 model.to(self.device)
             else:
-                summary = apply_streaming(model, self.device, resident_blocks=self.plan.resident_blocks)
+                summary = apply_streaming(model, self.device, resident_blocks=self.plan.resident_blocks,
+                                          use_stream=self.plan.stream_copies == "overlapped")
                 logger.info("transformer streaming: %s", summary)
         return model
 
@@ -133,17 +134,16 @@ class ModelManager:
         free_accelerator_memory()
 
 
-def load_llama_streamed(root: Path, device: torch.device):
+def load_llama_streamed(root: Path, device: torch.device, overlap: bool = True):
     """LLaMA weights stay in their memory-mapped safetensors files (file-backed, not anonymous RAM:
     safetensors hands out views of the map when the dtype matches) and stream layer by layer to
-    `device`, the next layer's copy overlapping the current one's compute on CUDA."""
-    from diffusers.hooks import apply_group_offloading
+    `device` with the block prefetcher (weights/prefetch.py), the next layer's copy overlapping the
+    current one's compute on CUDA unless `overlap` is False (the streaming self-test failed)."""
+    from ..weights.streaming import apply_streaming
 
     model = load_part(root, "text_encoder", device="cpu", dtype=torch.float16 if device.type == "cuda"
                       else torch.float32)
-    cuda = device.type == "cuda"
-    apply_group_offloading(model, onload_device=device, offload_type="block_level", num_blocks_per_group=1,
-                           use_stream=cuda, record_stream=cuda, low_cpu_mem_usage=cuda)
+    apply_streaming(model, device, resident_blocks=0, blocks=list(model.layers), use_stream=overlap)
     return model
 
 
