@@ -76,6 +76,9 @@ class JobParams:
     cache_retention: float = 0.2
     # Attention kernel: auto = SageAttention or FlashAttention when installed and the GPU runs it, else SDPA.
     attention: str = "auto"
+    # Drift (README "Drift"): the report after the final video; colour correction and self-correcting
+    # sections while sampling (engine/color.py, engine/retry.py).
+    drift_report: bool = True
     # Memory settings change where weights live, never the result (memory/plan.py).
     memory_profile: str = "auto"
     keep_free_gb: float = 0.0
@@ -122,6 +125,8 @@ class JobParams:
         if self.attention not in ATTENTION_BACKENDS:
             raise InputError(f"The attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"not {self.attention!r}.")
+        if not isinstance(self.drift_report, bool):
+            raise InputError(f"drift_report must be true or false, not {self.drift_report!r}.")
         self._validate_storyboard()
         if self.end_image and self.mode != "inverted":
             raise InputError("An end image only works in inverted anti-drift mode; switch the mode or drop the end image.")

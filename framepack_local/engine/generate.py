@@ -23,7 +23,7 @@ import torch
 from ..jobs import store
 from ..memory.plan import JobShape, MemoryPlan, plan as plan_memory
 from ..memory.probe import model_sizes_from_folder, probe
-from . import attention, budget, mag_ratios, prompt_cache, schedule, step_cache, storyboard
+from . import attention, budget, drift, mag_ratios, prompt_cache, schedule, step_cache, storyboard
 from .encode import (
     TextConditioning, blend_text, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode,
     vae_encode,
@@ -490,6 +490,12 @@ class Engine:
             writer.set_pending(None)
             video_path = writer.publish(job.job_dir / store.FINAL_VIDEO, metadata)
             partial_path.unlink(missing_ok=True)
+            if params.drift_report:  # engine/drift.py: drift.json and drift.png beside the video
+                emit(StageChanged("write", "Measuring drift"))
+                t1 = time.perf_counter()
+                record["drift"] = drift.after_job(job.job_dir, video_path, record, mgr, self.device,
+                                                  cond.keyframe_embeds[0])
+                timings["drift"] = time.perf_counter() - t1
         elif record["sections_done"]:
             if record.get("preview_full_at") != record["sections_done"]:
                 writer.publish(partial_path, metadata)  # a stopped long job keeps its whole video so far
