@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import FramePackError, InputError
-from .params import ATTENTION_BACKENDS, CACHE_MODES, DEFAULT_MODELS, DEFAULT_OUTPUTS, MAX_SECONDS, JobParams
+from .params import ATTENTION_BACKENDS, CACHE_MODES, COLOR_CORRECTIONS, DEFAULT_MODELS, DEFAULT_OUTPUTS, MAX_SECONDS, JobParams
 
 logger = logging.getLogger("framepack_local")
 CALIBRATION_PROMPT = "The person moves naturally, with clear movements, the camera stays still."
@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d.attention,
                      help="attention kernel: auto = SageAttention or FlashAttention when installed and the GPU "
                           "runs them, else PyTorch SDPA (default %(default)s)")
+    gen.add_argument("--color-correction", choices=COLOR_CORRECTIONS, default=d.color_correction,
+                     help="match each section's colours to the start photo or to the neighbouring section "
+                          "(against F1 colour drift; default %(default)s)")
+    gen.add_argument("--color-strength", type=_number, default=d.color_strength,
+                     help="colour correction strength, 0-1 (default %(default)s)")
     gen.add_argument("--no-drift-report", action="store_true",
                      help="skip the drift report (drift.json, drift.png) after the final video")
     gen.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=d.memory_profile,
@@ -175,6 +180,7 @@ def _params(args) -> JobParams:
         cfg_rescale=args.cfg_rescale, resolution=args.resolution, crf=args.crf,
         cache=args.cache, cache_threshold=args.cache_threshold, cache_max_skip=args.cache_max_skip,
         cache_retention=args.cache_retention, attention=args.attention, drift_report=not args.no_drift_report,
+        color_correction=args.color_correction, color_strength=args.color_strength,
         memory_profile=args.memory_profile, keep_free_gb=args.keep_free_gb,
         models=args.models, outputs=args.outputs,
     ).validate()

@@ -20,6 +20,7 @@ MEMORY_PROFILES = ("auto", "bf16", "fp8", "disk")  # same names as memory.plan.P
 CACHE_MODES = ("off", "mag", "first-block")  # what they do: engine/step_cache.py
 # A threshold of None means these: the MagCache authors' FramePack demo, and diffusers' FirstBlockCache default.
 CACHE_DEFAULT_THRESHOLD = {"mag": 0.1, "first-block": 0.05}
+COLOR_CORRECTIONS = ("off", "start", "neighbour")  # engine/color.py
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage")  # engine/attention.py
 # The page's "Speed" choice, as step cache settings. Balanced is the MagCache authors' FramePack demo
 # (threshold 0.1, K = 2, retention 0.2); fast is their README's stronger setting "E015K4R02"
@@ -79,6 +80,8 @@ class JobParams:
     # Drift (README "Drift"): the report after the final video; colour correction and self-correcting
     # sections while sampling (engine/color.py, engine/retry.py).
     drift_report: bool = True
+    color_correction: str = "off"  # off | start (towards the start photo) | neighbour (the finished section next to it)
+    color_strength: float = 0.5  # 0 = none, 1 = match the reference's colour statistics fully
     # Memory settings change where weights live, never the result (memory/plan.py).
     memory_profile: str = "auto"
     keep_free_gb: float = 0.0
@@ -127,6 +130,10 @@ class JobParams:
                              f"not {self.attention!r}.")
         if not isinstance(self.drift_report, bool):
             raise InputError(f"drift_report must be true or false, not {self.drift_report!r}.")
+        if self.color_correction not in COLOR_CORRECTIONS:
+            raise InputError(f"Colour correction must be one of {', '.join(COLOR_CORRECTIONS)}, "
+                             f"not {self.color_correction!r}.")
+        _check_number("color_strength", self.color_strength, 0.0, 1.0, "the colour correction's strength")
         self._validate_storyboard()
         if self.end_image and self.mode != "inverted":
             raise InputError("An end image only works in inverted anti-drift mode; switch the mode or drop the end image.")

@@ -23,7 +23,7 @@ import torch
 from ..jobs import store
 from ..memory.plan import JobShape, MemoryPlan, plan as plan_memory
 from ..memory.probe import model_sizes_from_folder, probe
-from . import attention, budget, drift, mag_ratios, prompt_cache, schedule, step_cache, storyboard
+from . import attention, budget, color, drift, mag_ratios, prompt_cache, schedule, step_cache, storyboard
 from .encode import (
     TextConditioning, blend_text, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode,
     vae_encode,
@@ -388,6 +388,10 @@ class Engine:
         history = PackedHistory(inverted, params.window, cond.start_latent)
         sigmas = schedule.flow_sigmas(params.steps, schedule.window_tokens(params.window, height, width))
         overlap = schedule.overlap_frames(params.window)
+        corrector = color.ColourCorrector.for_job(params.color_correction, params.color_strength, job.start_rgb,
+                                                  record.get("color_correction"), saved.done)
+        if corrector is not None:
+            record["color_correction"] = corrector.records  # one entry per finished section
         if saved.done:
             writer = SegmentedVideo.from_state(job.job_dir, record["video"], fps=schedule.FPS, crf=params.crf,
                                                prepend=inverted)
@@ -401,6 +405,8 @@ class Engine:
             # The edge that the next section blends with is a pure function of the last decode.
             with mgr.on_device("vae"):
                 decoded = vae_decode(vae, last_span)
+            if corrector is not None:
+                decoded = corrector.replay_last(decoded)  # the map it was given, from job.json
             stitcher.pending = decoded[:overlap].clone() if inverted else decoded[-overlap:].clone()
             stitcher.emitted = writer.finished_frame_count
         else:
@@ -452,7 +458,10 @@ class Engine:
                 t0 = time.perf_counter()
                 emit(StageChanged("decode", f"Decoding section {layout.number + 1} of {sections}"))
                 with mgr.on_device("vae"):
-                    stitcher.add(vae_decode(vae, to_decode))
+                    decoded = vae_decode(vae, to_decode)
+                if corrector is not None:
+                    decoded = self._correct_colour(corrector, decoded, stitcher, section, inverted)
+                stitcher.add(decoded)
                 timings["decode"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
@@ -507,6 +516,17 @@ class Engine:
         job.save()
         emit(JobFinished(status, job.job_dir, video_path, timings["total"]))
         return JobResult(status, job.job_id, job.job_dir, video_path)
+
+    @staticmethod
+    def _correct_colour(corrector: color.ColourCorrector, decoded: torch.Tensor, stitcher: Stitcher,
+                        section: storyboard.SectionPlan, inverted: bool) -> torch.Tensor:
+        """Pixels after the decode, before any frame is written (why pixels: engine/color.py)."""
+        layout = section.layout
+        new = color.new_frames(decoded.shape[0], stitcher.overlap, inverted, stitcher.pending is None)
+        keep_first = color.holds_start_frame(inverted, layout.is_last, layout.number)
+        decoded, entry = corrector.correct(decoded, new, keep_first)
+        corrector.commit(entry)
+        return decoded
 
     @staticmethod
     def _store_calibration(job: _Job, cache: step_cache.AttachedCache) -> None:
