@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "(against F1 colour drift; default %(default)s)")
     gen.add_argument("--color-strength", type=_number, default=d.color_strength,
                      help="colour correction strength, 0-1 (default %(default)s)")
+    gen.add_argument("--auto-retry", type=_whole, default=d.auto_retry,
+                     help="re-sample a section that drifted, at most N times (default 0: off)")
+    gen.add_argument("--retry-threshold", type=_number, default=d.retry_threshold,
+                     help="retry when the SigLIP similarity to the start drops by more than this below the "
+                          "sections before (provisional default %(default)s)")
+    gen.add_argument("--retry-sharpness-drop", type=_number, default=d.retry_sharpness_drop,
+                     help="... or the sharpness falls by more than this share (provisional default %(default)s)")
+    gen.add_argument("--retry-seam-jump", type=_number, default=d.retry_seam_jump,
+                     help="... or the seam jump rises by more than this, in 0-255 levels (provisional default "
+                          "%(default)s)")
     gen.add_argument("--no-drift-report", action="store_true",
                      help="skip the drift report (drift.json, drift.png) after the final video")
     gen.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=d.memory_profile,
@@ -180,7 +190,9 @@ def _params(args) -> JobParams:
         cfg_rescale=args.cfg_rescale, resolution=args.resolution, crf=args.crf,
         cache=args.cache, cache_threshold=args.cache_threshold, cache_max_skip=args.cache_max_skip,
         cache_retention=args.cache_retention, attention=args.attention, drift_report=not args.no_drift_report,
-        color_correction=args.color_correction, color_strength=args.color_strength,
+        color_correction=args.color_correction, color_strength=args.color_strength, auto_retry=args.auto_retry,
+        retry_threshold=args.retry_threshold, retry_sharpness_drop=args.retry_sharpness_drop,
+        retry_seam_jump=args.retry_seam_jump,
         memory_profile=args.memory_profile, keep_free_gb=args.keep_free_gb,
         models=args.models, outputs=args.outputs,
     ).validate()

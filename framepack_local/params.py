@@ -41,6 +41,7 @@ MAX_SECONDS = 3600.0
 MAX_STORYBOARD = 64  # timed prompts, and keyframes, per job
 MAX_STEPS = 100
 MAX_WINDOW = 33
+MAX_RETRIES = 8  # re-samples per section (each costs a whole section's sampling)
 MIN_RESOLUTION = 64
 MAX_RESOLUTION = 1280
 
@@ -82,6 +83,13 @@ class JobParams:
     drift_report: bool = True
     color_correction: str = "off"  # off | start (towards the start photo) | neighbour (the finished section next to it)
     color_strength: float = 0.5  # 0 = none, 1 = match the reference's colour statistics fully
+    # Self-correcting sections: re-sample a drifted section up to auto_retry times. Provisional thresholds
+    # (untuned without the real weights): a drop of the SigLIP similarity to the start, a relative loss of
+    # sharpness, a seam jump in 0-255 levels, each against the sections kept before it.
+    auto_retry: int = 0
+    retry_threshold: float = 0.05
+    retry_sharpness_drop: float = 0.5
+    retry_seam_jump: float = 8.0
     # Memory settings change where weights live, never the result (memory/plan.py).
     memory_profile: str = "auto"
     keep_free_gb: float = 0.0
@@ -134,6 +142,10 @@ class JobParams:
             raise InputError(f"Colour correction must be one of {', '.join(COLOR_CORRECTIONS)}, "
                              f"not {self.color_correction!r}.")
         _check_number("color_strength", self.color_strength, 0.0, 1.0, "the colour correction's strength")
+        _check_int("auto_retry", self.auto_retry, 0, MAX_RETRIES)
+        _check_number("retry_threshold", self.retry_threshold, 0.0, 2.0, "a drop of the similarity to the start")
+        _check_number("retry_sharpness_drop", self.retry_sharpness_drop, 0.0, 1.0, "a share of the sharpness lost")
+        _check_number("retry_seam_jump", self.retry_seam_jump, 0.0, 255.0, "a seam jump in 0-255 levels")
         self._validate_storyboard()
         if self.end_image and self.mode != "inverted":
             raise InputError("An end image only works in inverted anti-drift mode; switch the mode or drop the end image.")
