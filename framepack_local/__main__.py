@@ -1,4 +1,4 @@
-"""Command line: generate, resume, calibrate-cache, doctor, make-tiny-model, download.
+"""Command line: generate, resume, report, calibrate-cache, doctor, make-tiny-model, download.
 
 Exit codes: 0 done, 1 stopped by the user, 2 bad input or a failure explained in one sentence.
 """
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import FramePackError, InputError
-from .params import ATTENTION_BACKENDS, CACHE_MODES, DEFAULT_MODELS, DEFAULT_OUTPUTS, MAX_SECONDS, JobParams
+from .params import ATTENTION_BACKENDS, CACHE_MODES, COLOR_CORRECTIONS, DEFAULT_MODELS, DEFAULT_OUTPUTS, MAX_SECONDS, JobParams
 
 logger = logging.getLogger("framepack_local")
 CALIBRATION_PROMPT = "The person moves naturally, with clear movements, the camera stays still."
@@ -89,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d.attention,
                      help="attention kernel: auto = SageAttention or FlashAttention when installed and the GPU "
                           "runs them, else PyTorch SDPA (default %(default)s)")
+    gen.add_argument("--color-correction", choices=COLOR_CORRECTIONS, default=d.color_correction,
+                     help="match each section's colours to the start photo or to the neighbouring section "
+                          "(against F1 colour drift; default %(default)s)")
+    gen.add_argument("--color-strength", type=_number, default=d.color_strength,
+                     help="colour correction strength, 0-1 (default %(default)s)")
+    gen.add_argument("--auto-retry", type=_whole, default=d.auto_retry,
+                     help="re-sample a section that drifted, at most N times (default 0: off)")
+    gen.add_argument("--retry-threshold", type=_number, default=d.retry_threshold,
+                     help="retry when the SigLIP similarity to the start drops by more than this below the "
+                          "sections before (provisional default %(default)s)")
+    gen.add_argument("--retry-sharpness-drop", type=_number, default=d.retry_sharpness_drop,
+                     help="... or the sharpness falls by more than this share (provisional default %(default)s)")
+    gen.add_argument("--retry-seam-jump", type=_number, default=d.retry_seam_jump,
+                     help="... or the seam jump rises by more than this, in 0-255 levels (provisional default "
+                          "%(default)s)")
+    gen.add_argument("--no-drift-report", action="store_true",
+                     help="skip the drift report (drift.json, drift.png) after the final video")
     gen.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=d.memory_profile,
                      help="transformer weight storage; auto picks the most exact one that fits")
     gen.add_argument("--keep-free-gb", type=_number, default=d.keep_free_gb,
@@ -104,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--memory-profile", choices=["auto", "bf16", "fp8", "disk"], default=None)
     res.add_argument("--keep-free-gb", type=_number, default=None)
     res.add_argument("--models", default=None, help="the model folder, if it moved since the job started")
+
+    rep = sub.add_parser("report", help="drift report of a video or a job folder: table, drift.json, drift.png")
+    rep.add_argument("target", metavar="VIDEO_OR_JOB_DIR")
+    rep.add_argument("--out", default=None, help="folder for drift.json and drift.png (default: beside the video)")
+    rep.add_argument("--models", default=None, help="model folder for the SigLIP similarity (default: the job's, "
+                                                    "or models/ when present)")
+    rep.add_argument("--section-frames", type=_whole, default=None,
+                     help="frames per section, for the seams (default: from the job or the file, else 36)")
+    rep.add_argument("--device", default=None)
 
     cal = sub.add_parser("calibrate-cache", help="measure MagCache ratios for this model folder (one uncached section)")
     cal.add_argument("--mode", choices=["inverted", "forward"], default=d.mode, help="which transformer to measure")
@@ -168,7 +194,10 @@ def _params(args) -> JobParams:
         distilled_cfg=args.distilled_cfg, cfg=args.cfg, negative_prompt=args.negative_prompt,
         cfg_rescale=args.cfg_rescale, resolution=args.resolution, crf=args.crf,
         cache=args.cache, cache_threshold=args.cache_threshold, cache_max_skip=args.cache_max_skip,
-        cache_retention=args.cache_retention, attention=args.attention,
+        cache_retention=args.cache_retention, attention=args.attention, drift_report=not args.no_drift_report,
+        color_correction=args.color_correction, color_strength=args.color_strength, auto_retry=args.auto_retry,
+        retry_threshold=args.retry_threshold, retry_sharpness_drop=args.retry_sharpness_drop,
+        retry_seam_jump=args.retry_seam_jump,
         memory_profile=args.memory_profile, keep_free_gb=args.keep_free_gb,
         models=args.models, outputs=args.outputs,
     ).validate()
@@ -236,6 +265,19 @@ def _run_job(args, params: JobParams | None, job_dir: Path | None) -> int:
             print(result.video_path)
         return 1
     print(result.video_path)
+    return 0
+
+
+def _report(args) -> int:
+    from .engine import drift as drift_report
+    from .jobs import drift
+
+    result, json_path, chart = drift_report.report(
+        Path(args.target), Path(args.out) if args.out else None, Path(args.models) if args.models else None,
+        args.device, args.section_frames)
+    print(drift.table(result))
+    print(json_path)
+    print(chart)
     return 0
 
 
@@ -313,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "urllib3", "diffusers", "transformers", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"generate": _generate, "resume": _resume, "calibrate-cache": _calibrate, "doctor": _doctor,
+    handlers = {"generate": _generate, "resume": _resume, "report": _report, "calibrate-cache": _calibrate, "doctor": _doctor,
                 "make-tiny-model": _make_tiny, "download": _download}
     try:
         return handlers[args.command](args)

@@ -20,6 +20,7 @@ MEMORY_PROFILES = ("auto", "bf16", "fp8", "disk")  # same names as memory.plan.P
 CACHE_MODES = ("off", "mag", "first-block")  # what they do: engine/step_cache.py
 # A threshold of None means these: the MagCache authors' FramePack demo, and diffusers' FirstBlockCache default.
 CACHE_DEFAULT_THRESHOLD = {"mag": 0.1, "first-block": 0.05}
+COLOR_CORRECTIONS = ("off", "start", "neighbour")  # engine/color.py
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage")  # engine/attention.py
 # The page's "Speed" choice, as step cache settings. Balanced is the MagCache authors' FramePack demo
 # (threshold 0.1, K = 2, retention 0.2); fast is their README's stronger setting "E015K4R02"
@@ -42,6 +43,7 @@ MAX_LORAS = 16  # LoRA files per job
 LORA_WEIGHT_RANGE = (-2.0, 2.0)
 MAX_STEPS = 100
 MAX_WINDOW = 33
+MAX_RETRIES = 8  # re-samples per section (each costs a whole section's sampling)
 MIN_RESOLUTION = 64
 MAX_RESOLUTION = 1280
 
@@ -80,6 +82,18 @@ class JobParams:
     cache_retention: float = 0.2
     # Attention kernel: auto = SageAttention or FlashAttention when installed and the GPU runs it, else SDPA.
     attention: str = "auto"
+    # Drift (README "Drift"): the report after the final video; colour correction and self-correcting
+    # sections while sampling (engine/color.py, engine/retry.py).
+    drift_report: bool = True
+    color_correction: str = "off"  # off | start (towards the start photo) | neighbour (the finished section next to it)
+    color_strength: float = 0.5  # 0 = none, 1 = match the reference's colour statistics fully
+    # Self-correcting sections: re-sample a drifted section up to auto_retry times. Provisional thresholds
+    # (untuned without the real weights): a drop of the SigLIP similarity to the start, a relative loss of
+    # sharpness, a seam jump in 0-255 levels, each against the sections kept before it.
+    auto_retry: int = 0
+    retry_threshold: float = 0.05
+    retry_sharpness_drop: float = 0.5
+    retry_seam_jump: float = 8.0
     # Memory settings change where weights live, never the result (memory/plan.py).
     memory_profile: str = "auto"
     keep_free_gb: float = 0.0
@@ -126,6 +140,16 @@ class JobParams:
         if self.attention not in ATTENTION_BACKENDS:
             raise InputError(f"The attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"not {self.attention!r}.")
+        if not isinstance(self.drift_report, bool):
+            raise InputError(f"drift_report must be true or false, not {self.drift_report!r}.")
+        if self.color_correction not in COLOR_CORRECTIONS:
+            raise InputError(f"Colour correction must be one of {', '.join(COLOR_CORRECTIONS)}, "
+                             f"not {self.color_correction!r}.")
+        _check_number("color_strength", self.color_strength, 0.0, 1.0, "the colour correction's strength")
+        _check_int("auto_retry", self.auto_retry, 0, MAX_RETRIES)
+        _check_number("retry_threshold", self.retry_threshold, 0.0, 2.0, "a drop of the similarity to the start")
+        _check_number("retry_sharpness_drop", self.retry_sharpness_drop, 0.0, 1.0, "a share of the sharpness lost")
+        _check_number("retry_seam_jump", self.retry_seam_jump, 0.0, 255.0, "a seam jump in 0-255 levels")
         self._validate_storyboard()
         self._validate_loras()
         if self.end_image and self.mode != "inverted":

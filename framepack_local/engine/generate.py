@@ -8,6 +8,7 @@ are bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import logging
@@ -23,7 +24,8 @@ import torch
 from ..jobs import store
 from ..memory.plan import JobShape, MemoryPlan, plan as plan_memory
 from ..memory.probe import model_sizes_from_folder, probe
-from . import attention, budget, lora_job, mag_ratios, prompt_cache, schedule, step_cache, storyboard
+from . import (attention, budget, color, drift, lora_job, mag_ratios, prompt_cache, retry, schedule, step_cache,
+               storyboard)
 from .encode import (
     TextConditioning, blend_text, encode_image_siglip, encode_text, fit_latent_preview, latent_preview, vae_decode,
     vae_encode,
@@ -404,6 +406,12 @@ class Engine:
         history = PackedHistory(inverted, params.window, cond.start_latent)
         sigmas = schedule.flow_sigmas(params.steps, schedule.window_tokens(params.window, height, width))
         overlap = schedule.overlap_frames(params.window)
+        corrector = color.ColourCorrector.for_job(params.color_correction, params.color_strength, job.start_rgb,
+                                                  record.get("color_correction"), saved.done)
+        if corrector is not None:
+            record["color_correction"] = corrector.records  # one entry per finished section
+        judge = retry.SectionJudge.for_job(params, self._section_embedder(mgr), drift.pooled(cond.keyframe_embeds[0]),
+                                           record, saved.done)
         if saved.done:
             writer = SegmentedVideo.from_state(job.job_dir, record["video"], fps=schedule.FPS, crf=params.crf,
                                                prepend=inverted)
@@ -417,6 +425,8 @@ class Engine:
             # The edge that the next section blends with is a pure function of the last decode.
             with mgr.on_device("vae"):
                 decoded = vae_decode(vae, last_span)
+            if corrector is not None:
+                decoded = corrector.replay_last(decoded)  # the map it was given, from job.json
             stitcher.pending = decoded[:overlap].clone() if inverted else decoded[-overlap:].clone()
             stitcher.emitted = writer.finished_frame_count
         else:
@@ -447,32 +457,58 @@ class Engine:
         try:
             for section in job.plans[saved.done:]:
                 layout = section.layout
-                t0 = time.perf_counter()
-                emit(StageChanged("sampling", f"Sampling section {layout.number + 1} of {sections}"))
-                cache.new_section()
-                noise = torch.randn(
-                    (1, schedule.LATENT_CHANNELS, params.window, height // schedule.VAE_SPATIAL,
-                     width // schedule.VAE_SPATIAL), generator=generator)
-                endpoint = cond.keyframe_latents[section.endpoint] if section.endpoint is not None else None
-                context = history.context(layout, cond.keyframe_latents[section.anchor], endpoint)
-                latents = self._sample_section(transformer, job, section, context, cond, noise, sigmas, cancel,
-                                               emit, cache, kernel).cpu()
-                timings["sampling"] += time.perf_counter() - t0
-                record["steps_computed"].append(cache.steps_computed())
-                record["attention"] = kernel.record(params.attention)  # a fallback happens at the first call
-                if calibrate:
-                    self._store_calibration(job, cache)
+                steps_computed = 0
+                tried = []  # per attempt: (latents, history with them, colour-corrected decode, colour entry)
+                for attempt in range(params.auto_retry + 1):  # engine/retry.py: re-sample a drifted section
+                    t0 = time.perf_counter()
+                    emit(StageChanged("sampling", f"Sampling section {layout.number + 1} of {sections}"
+                                      + (f" again (attempt {attempt + 1})" if attempt else "")))
+                    cache.new_section()
+                    seed = retry.attempt_seed(params.seed, layout.number, attempt) if attempt else None
+                    noise = torch.randn(
+                        (1, schedule.LATENT_CHANNELS, params.window, height // schedule.VAE_SPATIAL,
+                         width // schedule.VAE_SPATIAL),
+                        generator=generator if seed is None else torch.Generator("cpu").manual_seed(seed))
+                    endpoint = cond.keyframe_latents[section.endpoint] if section.endpoint is not None else None
+                    context = history.context(layout, cond.keyframe_latents[section.anchor], endpoint)
+                    latents = self._sample_section(transformer, job, section, context, cond, noise, sigmas, cancel,
+                                                   emit, cache, kernel).cpu()
+                    timings["sampling"] += time.perf_counter() - t0
+                    steps_computed += cache.steps_computed()
+                    record["attention"] = kernel.record(params.attention)  # a fallback happens at the first call
+                    if calibrate:
+                        self._store_calibration(job, cache)
 
-                if inverted and layout.is_last:
-                    latents = torch.cat([cond.start_latent, latents], dim=2)
+                    if inverted and layout.is_last:
+                        latents = torch.cat([cond.start_latent, latents], dim=2)
+                    trial = copy.copy(history)  # add() replaces its tensors, so the copy leaves `history` as it was
+                    to_decode = trial.add(latents)
+
+                    t0 = time.perf_counter()
+                    emit(StageChanged("decode", f"Decoding section {layout.number + 1} of {sections}"))
+                    with mgr.on_device("vae"):
+                        decoded = vae_decode(vae, to_decode)
+                    new = color.new_frames(decoded.shape[0], overlap, inverted, stitcher.pending is None)
+                    entry = None
+                    if corrector is not None:  # pixels after the decode, before any frame is written (color.py)
+                        decoded, entry = corrector.correct(
+                            decoded, new, color.holds_start_frame(inverted, layout.is_last, layout.number))
+                    timings["decode"] += time.perf_counter() - t0
+                    tried.append((latents, trial, decoded, entry))
+                    if judge is None or judge.check(layout.number, attempt, seed, decoded, new, inverted):
+                        break
+                chosen = judge.choose() if judge is not None else 0
+                latents, history, decoded, entry = tried[chosen]
+                if judge is not None:
+                    said = judge.commit(layout.number, chosen)
+                    record.update(section_scores=judge.kept, retries=judge.retries)
+                    if said:
+                        emit(Notice(said))
+                if corrector is not None:
+                    corrector.commit(entry)
+                record["steps_computed"].append(steps_computed)
                 store.save_section(job.job_dir, layout.number, latents, generator.get_state())
-                to_decode = history.add(latents)
-
-                t0 = time.perf_counter()
-                emit(StageChanged("decode", f"Decoding section {layout.number + 1} of {sections}"))
-                with mgr.on_device("vae"):
-                    stitcher.add(vae_decode(vae, to_decode))
-                timings["decode"] += time.perf_counter() - t0
+                stitcher.add(decoded)
 
                 t0 = time.perf_counter()
                 writer.set_pending(None if stitcher.pending is None else _to_uint8(stitcher.pending))
@@ -510,6 +546,12 @@ class Engine:
             writer.set_pending(None)
             video_path = writer.publish(job.job_dir / store.FINAL_VIDEO, metadata)
             partial_path.unlink(missing_ok=True)
+            if params.drift_report:  # engine/drift.py: drift.json and drift.png beside the video
+                emit(StageChanged("write", "Measuring drift"))
+                t1 = time.perf_counter()
+                record["drift"] = drift.after_job(job.job_dir, video_path, record, mgr, self.device,
+                                                  cond.keyframe_embeds[0])
+                timings["drift"] = time.perf_counter() - t1
         elif record["sections_done"]:
             if record.get("preview_full_at") != record["sections_done"]:
                 writer.publish(partial_path, metadata)  # a stopped long job keeps its whole video so far
@@ -521,6 +563,13 @@ class Engine:
         job.save()
         emit(JobFinished(status, job.job_dir, video_path, timings["total"]))
         return JobResult(status, job.job_id, job.job_dir, video_path)
+
+    def _section_embedder(self, mgr: ModelManager):
+        """SigLIP on one frame, the encoder on the device only for that call (retry scores)."""
+        def embed(rgb: np.ndarray) -> np.ndarray:
+            with mgr.on_device("image_encoder", "feature_extractor") as (siglip, processor):
+                return drift.SiglipEmbedder(siglip, processor, self.device)(rgb)
+        return embed
 
     @staticmethod
     def _store_calibration(job: _Job, cache: step_cache.AttachedCache) -> None:

@@ -32,6 +32,7 @@ class JobSummary:
     params: dict
     steps_computed: tuple[int, ...] = ()  # per finished section: steps that ran the transformer (step cache)
     attention: str | None = None  # the kernel the job ran with
+    drift: dict | None = None  # the drift report's summary (engine/drift.py), when the job has one
 
     @property
     def resumable(self) -> bool:
@@ -76,6 +77,7 @@ def _read_summary(job_dir: Path, busy: set[Path]) -> JobSummary | None:
         params=params,
         steps_computed=tuple(n for n in (record.get("steps_computed") or ()) if isinstance(n, int)),
         attention=(record.get("attention") or {}).get("used") if isinstance(record.get("attention"), dict) else None,
+        drift=record.get("drift") if isinstance(record.get("drift"), dict) else None,
     )
 
 

@@ -502,3 +502,22 @@ def read_frames(path) -> np.ndarray:
     if not frames:
         return np.zeros((0, height, width, 3), np.uint8)
     return np.stack(frames)
+
+
+def iter_frames(path) -> Iterator[np.ndarray]:
+    """Decode frames one at a time as (H, W, 3) uint8 (a long video never sits in RAM whole)."""
+    import imageio_ffmpeg
+
+    p = Path(path)
+    if not p.is_file():
+        raise _read_error(p, "the file does not exist")
+    gen = imageio_ffmpeg.read_frames(str(p.absolute()), pix_fmt="rgb24")
+    try:
+        meta = next(gen)
+        width, height = meta["size"]
+        for buf in gen:
+            yield np.frombuffer(buf, np.uint8).reshape(height, width, 3)
+    except (RuntimeError, OSError, StopIteration) as exc:
+        raise _read_error(p, f"ffmpeg could not decode it ({one_line(str(exc))})") from exc
+    finally:
+        gen.close()

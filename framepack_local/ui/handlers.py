@@ -29,7 +29,7 @@ from .forms import FORM_FIELDS, form_to_params, params_to_form
 from .loras import lora_choices
 from .serving import drop_previews, section_video
 from .render import (
-    download_html, history_caption, history_details, models_report, preview_html, progress_html, queue_choices,
+    download_html, drift_html, history_caption, history_details, models_report, preview_html, progress_html, queue_choices,
     queue_html, system_html,
 )
 
@@ -39,7 +39,7 @@ HISTORY_LIMIT = 60
 RATE_TTL_S = 30.0
 POLL_OUTPUTS = (
     "progress", "preview", "partial_video", "final_video", "queue_table", "queue_pick", "stop_btn",
-    "gallery", "history_pick", "history_ids", "models_md", "models_group", "download_html", "shown",
+    "gallery", "history_pick", "history_ids", "models_md", "models_group", "download_html", "drift_box", "shown",
 )
 
 
@@ -300,6 +300,7 @@ class Page:
             out["preview"] = preview_html(None)
             out["partial_video"] = None
             out["final_video"] = None
+            out["drift_box"] = ""
 
         progress = progress_html(state)
         if progress != shown.get("progress"):
@@ -328,6 +329,8 @@ class Page:
         if final_sig is not None and final_sig != shown.get("final"):
             out["final_video"] = final_sig
             shown["final"] = final_sig
+            job = self._summary(final.parent.name)
+            out["drift_box"] = drift_html(final.parent, job.drift if job is not None else None)
             # The final video stands beside it now; the per-section names it was served under go.
             out["partial_video"] = None
             drop_previews(final.parent)

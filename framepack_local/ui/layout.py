@@ -269,6 +269,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                     partial_video = gr.Video(label="Video so far", interactive=False, autoplay=True, loop=True,
                                              height=260, elem_id="partial_video")
                     final_video = gr.Video(label="Final video", interactive=False, height=260, elem_id="final_video")
+                drift_box = gr.HTML("", elem_id="drift")
 
         with gr.Accordion("Queue", open=True, elem_id="queue"):
             queue_table = gr.HTML(queue_html(worker.snapshot()), elem_id="queue_table")
@@ -302,7 +303,7 @@ def build_app(worker: Worker, models_dir: Path, outputs_dir: Path, demo: bool = 
                 cache_retention, attention, prompt_blend, *story_fields, lora_files, *lora_weights]
         assert len(form) == len(FORM_FIELDS)
         poll_outputs = [progress, preview, partial_video, final_video, queue_table, queue_pick, stop_btn, gallery,
-                        history_pick, history_ids, models_md, models_group, download_box, shown]
+                        history_pick, history_ids, models_md, models_group, download_box, drift_box, shown]
         assert len(poll_outputs) == len(POLL_OUTPUTS)
 
         start_btn.click(form_endpoint(page.start), inputs=form, outputs=[message, ticket], api_name="start", **hidden)

@@ -13,6 +13,7 @@ import math
 import shutil
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -150,12 +151,40 @@ def history_details(job: JobSummary | None) -> str:
     if timed or keys:
         lines.append(f"storyboard: {len(timed)} timed prompt{'s' if len(timed) != 1 else ''}, "
                      f"{len(keys)} keyframe{'s' if len(keys) != 1 else ''}")
+    if job.drift:
+        lines.append(drift_html(job.job_dir, job.drift))
     lines.append(f"folder: `{job.job_dir}`")
     if job.error:
         lines.append(f"error: {esc(job.error)}")
     if job.resumable:
         lines.append("This job can be resumed from its last finished section.")
     return "  \n".join(lines)
+
+
+def drift_html(job_dir: Path | None, found: dict | None) -> str:
+    """The drift report's start-end contrast and its chart (README "Drift"); empty without a report."""
+    if not found or job_dir is None:
+        return ""
+    esc = html.escape
+    if found.get("error"):
+        return f'<div class="fpl-drift" id="drift_box">drift report: {esc(str(found["error"]))}</div>'
+    delta = found.get("delta") or {}
+
+    def cell(name: str, digits: int) -> str:
+        value = delta.get(name)
+        return "-" if not isinstance(value, (int, float)) else f"{value:.{digits}f}"
+
+    ratio = found.get("sharpness_ratio")
+    jump = (found.get("seam_jump") or {}).get("max")
+    parts = [f"Δ sharpness {cell('sharpness', 4)}" + (f" (end/start {ratio:.2f})" if isinstance(ratio, float) else ""),
+             f"Δ colour {cell('color', 2)} ΔE", f"Δ motion {cell('motion', 2)}", f"Δ similarity {cell('similarity', 3)}"]
+    if isinstance(jump, (int, float)):
+        parts.append(f"largest seam jump {jump:.2f}")
+    chart = Path(job_dir) / str(found.get("chart") or "drift.png")
+    img = (f'<img src="/gradio_api/file={quote(str(chart.resolve()))}" alt="drift chart" '
+           f'style="max-width:100%">' if chart.is_file() else "")
+    return (f'<div class="fpl-drift" id="drift_box"><b>Drift</b> (first vs last 15%): '
+            f'{esc(" · ".join(parts))}{img}</div>')
 
 
 def header_html(demo: bool, listen: bool, small: dict | None = None, gpu_problem: str | None = None) -> str:
