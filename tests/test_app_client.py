@@ -168,7 +168,9 @@ def test_refusals_through_the_api_carry_a_sentence(server, client, tmp_path):
     message, ticket = client.predict(gradio_client.handle_file(str(fake)), api_name="/start")
     assert ticket == "" and "is not an image this app can read" in message  # our sentence, not Gradio's
     # A path nobody uploaded: Gradio refuses it before any handler runs, and now says why.
-    data = [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}] + [None] * 39
+    from framepack_local.ui.forms import FORM_FIELDS
+
+    data = [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}] + [None] * (len(FORM_FIELDS) - 1)
     event = httpx.post(server.url + "gradio_api/call/start", json={"data": data}, timeout=30).json()["event_id"]
     reply = httpx.get(server.url + f"gradio_api/call/start/{event}", timeout=60).text
     assert "event: error" in reply and "not uploaded by a user" in reply and "Traceback" not in reply
